@@ -1,0 +1,5 @@
+"""Few-shot learners sharing one protocol (:class:`Learner`)."""
+
+from fewshot_nsl.learners.base import Learner
+
+__all__ = ["Learner"]

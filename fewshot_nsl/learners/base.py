@@ -1,0 +1,37 @@
+"""The one protocol every few-shot learner implements; the runner never looks further."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from episodes import Episode
+
+
+class Learner(nn.Module, ABC):
+    """A few-shot learner: adapts to a support set, then classifies queries.
+
+    Subclasses implement :meth:`adapt` and :meth:`predict`; :meth:`meta_loss` (the quantity
+    the outer optimiser minimises for one episode) defaults to the query cross-entropy after
+    adaptation. ``state`` is whatever a learner needs between the two calls (fast weights for
+    MAML, prototypes for ProtoNet) and is opaque to the runner.
+    """
+
+    @abstractmethod
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> Any:
+        """Adapt to a labelled support set; return the task state."""
+
+    @abstractmethod
+    def predict(self, state: Any, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(num_query, way)`` for the query images under the adapted ``state``."""
+
+    def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query loss (differentiable w.r.t. the meta-parameters) and query accuracy."""
+        state = self.adapt(episode.support_x, episode.support_y, episode.way)
+        logits = self.predict(state, episode.query_x)
+        loss = nn.functional.cross_entropy(logits, episode.query_y)
+        accuracy = (logits.argmax(dim=-1) == episode.query_y).float().mean()
+        return loss, accuracy.detach()
