@@ -1,0 +1,92 @@
+"""CNN-9: the NSL paper's CIFAR network (method doc §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fewshot_nsl.backbones.registry import ConvFactoryLike, register_backbone
+
+
+def _conv_bn_relu(conv: nn.Module, channels: int) -> nn.Sequential:
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.ReLU())
+
+
+class CNN9(nn.Module):
+    """Root conv3×3 → 3 stages × 3 conv3×3 (32, 64, 128), BN + ReLU, 2×2 max-pool per stage.
+
+    Only the nine stage convolutions come from the conv factory (they become NSL); the root
+    convolution and the classifier stay plain ``nn.Conv2d``, as in the paper's dynamic network.
+
+    * ``num_classes=None``: features are the globally averaged last map, ``D = widths[-1]``.
+    * ``num_classes=K``: ends with the paper's classifier, a plain conv whose kernel covers the
+      whole last map (``image_size // 8``, i.e. 4×4 on 32×32 CIFAR), giving logits ``(B, K)``;
+      ``out_features = K``.
+    """
+
+    def __init__(
+        self,
+        conv_factory: ConvFactoryLike,
+        in_channels: int,
+        widths: tuple[int, int, int] = (32, 64, 128),
+        root_width: int = 32,
+        num_classes: int | None = None,
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        widths = tuple(widths)
+        if len(widths) != 3 or any(not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"cnn9 option 'widths' must be 3 positive ints, got {widths!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"cnn9 option 'num_classes' must be a positive int or None, got "
+                             f"{num_classes!r}")
+        if num_classes is not None and (not isinstance(image_size, int) or image_size < 8):
+            raise ValueError(f"cnn9 option 'image_size' must be an int >= 8, got {image_size!r}")
+        self.root = _conv_bn_relu(nn.Conv2d(in_channels, root_width, 3, padding=1), root_width)
+        stages = []
+        channels = root_width
+        for width in widths:
+            layers = []
+            for _ in range(3):
+                layers.append(_conv_bn_relu(conv_factory(channels, width, 3, padding=1), width))
+                channels = width
+            stages.append(nn.Sequential(*layers, nn.MaxPool2d(2)))
+        self.stages = nn.Sequential(*stages)
+        self.classifier = (
+            nn.Conv2d(channels, num_classes, image_size // 8) if num_classes is not None else None
+        )
+        self.widths = widths
+        self.image_size = image_size
+        self.out_features = num_classes if num_classes is not None else channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` → features ``(B, widths[-1])`` or logits ``(B, num_classes)``."""
+        maps = self.stages(self.root(x))
+        if self.classifier is None:
+            return maps.mean(dim=(2, 3))
+        logits = self.classifier(maps)
+        if logits.shape[2:] != (1, 1):
+            raise ValueError(
+                f"cnn9 classifier built for image_size={self.image_size} got images of size "
+                f"{tuple(x.shape[2:])}; set backbone option 'image_size'"
+            )
+        return logits.flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, out_features={self.out_features}"
+
+
+@register_backbone("cnn9")
+def cnn9(
+    *,
+    conv_factory: ConvFactoryLike,
+    in_channels: int,
+    widths: tuple[int, int, int] = (32, 64, 128),
+    root_width: int = 32,
+    num_classes: int | None = None,
+    image_size: int = 32,
+) -> CNN9:
+    """CNN-9 (see :class:`CNN9`); options ``widths``, ``root_width``, ``num_classes``,
+    ``image_size``."""
+    return CNN9(conv_factory, in_channels, widths=widths, root_width=root_width,
+                num_classes=num_classes, image_size=image_size)

@@ -1,0 +1,406 @@
+"""MAML and its NSN configurations: one functional inner loop over an unmodified module.
+
+* :class:`MAML` — Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of
+  Deep Networks", ICML 2017; options for Meta-SGD (Li et al. 2017, learned per-parameter inner
+  learning rates) and ANIL (Raghu et al. 2020, adapt the head only) as a choice of parameters.
+* :class:`StaticNSN` — meta-learned static neural similarity (Liu et al., "Neural Similarity
+  Learning", NeurIPS 2019): MAML on a backbone of static NSL convolutions, M meta-learned in
+  the outer loop while the kernels adapt in the inner loop.
+* :class:`DynamicNSN` — the same paper's dynamic NSN: MAML on a backbone of dynamic NSL
+  convolutions whose similarity predictor (hypernetwork) is meta-learned in the outer loop.
+
+The inner loop calls the model with ``torch.func.functional_call`` on a dict of fast weights
+and differentiates with ``torch.autograd.grad``; the module itself is never copied or edited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from episodes import Episode
+from fewshot_nsl.learners.base import Learner
+from fewshot_nsl.learners.memory import SavedTensorMeter, StepMemory
+
+BN_POLICIES = ("transductive", "running")
+
+
+class Classifier(nn.Module):
+    """``backbone`` followed by a linear ``head`` to ``way`` logits: ``(B, C, H, W) → (B, way)``.
+
+    Parameter names are ``backbone.*`` and ``head.*`` (what the adapt/frozen patterns see).
+    """
+
+    def __init__(self, backbone: nn.Module, way: int) -> None:
+        super().__init__()
+        out_features = getattr(backbone, "out_features", None)
+        if not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(
+                f"backbone {type(backbone).__name__} must expose 'out_features' (a positive int, "
+                f"its feature size), got {out_features!r}; fewshot_nsl.backbones.feature_dim "
+                "computes it by a dry run"
+            )
+        self.backbone = backbone
+        self.head = nn.Linear(out_features, way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class MAMLState:
+    """Adapted task state: every parameter of the classifier by name (fast weights included)."""
+
+    params: dict[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def batchnorm_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Temporarily set the ``training`` flag of every BatchNorm in ``module`` only."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    previous = [m.training for m in norms]
+    for m in norms:
+        m.training = training
+    try:
+        yield
+    finally:
+        for m, flag in zip(norms, previous):
+            m.training = flag
+
+
+def select_parameters(
+    names: Sequence[str], adapt: Sequence[str], frozen: Sequence[str]
+) -> list[str]:
+    """Names matching any ``adapt`` pattern and no ``frozen`` pattern (fnmatch, in order).
+
+    Raises ``ValueError`` when an ``adapt`` pattern matches nothing (a typo would otherwise
+    silently adapt less) or when nothing is left to adapt.
+    """
+    for pattern in adapt:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"adapt pattern {pattern!r} matches no parameter; parameter names look like "
+                f"{list(names[:4])} ... {list(names[-2:])}"
+            )
+    chosen = [
+        name
+        for name in names
+        if any(fnmatch.fnmatchcase(name, p) for p in adapt)
+        and not any(fnmatch.fnmatchcase(name, p) for p in frozen)
+    ]
+    if not chosen:
+        raise ValueError(f"adapt={list(adapt)} with frozen={list(frozen)} leaves no parameter to "
+                         "adapt in the inner loop")
+    return chosen
+
+
+class MAML(Learner):
+    """Model-Agnostic Meta-Learning (Finn et al., ICML 2017) on ``backbone`` + linear head.
+
+    Args:
+        backbone: images ``(B, C, H, W)`` → features ``(B, backbone.out_features)``.
+        way: number of classes per episode (the head's outputs).
+        inner_steps: SGD steps on the support set during meta-training (``self.training``).
+        inner_steps_eval: inner steps at evaluation (``not self.training``).
+        inner_lr: inner learning rate (the initial value of every learned rate with Meta-SGD).
+        first_order: drop the second-order term (FOMAML): inner gradients are constants.
+        meta_sgd: learn one inner learning rate per adapted parameter element (Meta-SGD).
+        adapt / frozen: fnmatch patterns over parameter names (``backbone.*``, ``head.*``)
+            choosing what the inner loop adapts: matching any ``adapt`` and no ``frozen``
+            pattern. ANIL is ``adapt=["head.*"]``. Frozen parameters are still meta-learned.
+        bn: BatchNorm policy. ``"transductive"`` (default, as in the MAML reference): batch
+            statistics for support and query, in training and evaluation; running buffers are
+            never read nor written. ``"running"``: in training, batch statistics, and only the
+            outer loop's query pass updates the running averages (inner-loop passes leave them
+            alone); in evaluation, running statistics for support and query.
+        checkpoint_inner: recompute each inner step in the backward pass
+            (``torch.utils.checkpoint``) instead of keeping its graph: memory of second-order
+            MAML no longer grows with the activations of every step, at ~1 extra inner step of
+            compute each.
+        similarity_penalty: weight of ``fewshot_nsl.nn.similarity_penalty(model)`` (sum over
+            NSL layers of ‖M − I‖²) added to :meth:`meta_loss`; 0 disables it.
+        profile_memory: record :class:`StepMemory` after each inner step in
+            ``self.memory_profile`` (see :mod:`fewshot_nsl.learners.memory`).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        way: int,
+        *,
+        inner_steps: int = 5,
+        inner_steps_eval: int = 10,
+        inner_lr: float = 0.01,
+        first_order: bool = False,
+        meta_sgd: bool = False,
+        adapt: Sequence[str] = ("*",),
+        frozen: Sequence[str] = ("*.M", "*.predictor.*"),
+        bn: str = "transductive",
+        checkpoint_inner: bool = False,
+        similarity_penalty: float = 0.0,
+        profile_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        check_common_options(way, similarity_penalty)
+        for key, value in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+        if not isinstance(inner_lr, (int, float)) or inner_lr <= 0:
+            raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
+        if bn not in BN_POLICIES:
+            raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
+        for key, patterns in (("adapt", adapt), ("frozen", frozen)):
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"{key} must be a list of fnmatch patterns, got {patterns!r}")
+        self.way = way
+        self.inner_steps = inner_steps
+        self.inner_steps_eval = inner_steps_eval
+        self.inner_lr = float(inner_lr)
+        self.first_order = bool(first_order)
+        self.meta_sgd = bool(meta_sgd)
+        self.adapt_patterns = tuple(adapt)
+        self.frozen_patterns = tuple(frozen)
+        self.bn = bn
+        self.checkpoint_inner = bool(checkpoint_inner)
+        self.similarity_penalty = float(similarity_penalty)
+        self.profile_memory = bool(profile_memory)
+        self.memory_profile: list[StepMemory] = []
+        self.model = Classifier(backbone, way)
+        names = [name for name, _ in self.model.named_parameters()]
+        self.adapted_names = select_parameters(names, self.adapt_patterns, self.frozen_patterns)
+        # Meta-SGD: one learned rate per element of every adapted parameter. Keys cannot hold
+        # dots, so they are the parameter names with "." → "-".
+        self.inner_lrs = nn.ParameterDict()
+        if self.meta_sgd:
+            parameters = dict(self.model.named_parameters())
+            for name in self.adapted_names:
+                self.inner_lrs[name.replace(".", "-")] = nn.Parameter(
+                    torch.full_like(parameters[name], self.inner_lr)
+                )
+
+    # -- forward passes --------------------------------------------------------------------
+
+    def _forward(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, update_stats: bool
+    ) -> torch.Tensor:
+        """Logits of the classifier with ``params``, under the BatchNorm policy.
+
+        BatchNorm uses batch statistics unless the policy is "running" in evaluation; its
+        running buffers are updated only when ``update_stats`` (the outer-loop query pass of
+        the "running" policy); otherwise the pass sees throw-away copies of the buffers.
+        """
+        batch_statistics = self.bn == "transductive" or self.training
+        buffers = dict(self.model.named_buffers())
+        if batch_statistics and not update_stats:
+            buffers = {name: buffer.clone() for name, buffer in buffers.items()}
+        with batchnorm_mode(self.model, batch_statistics):
+            return functional_call(self.model, (params, buffers), (x,))
+
+    def _inner_step(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        create_graph: bool,
+        *fast: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """One SGD step on the support loss: returns the new fast weights (same order)."""
+        params = dict(self.model.named_parameters())
+        params.update(zip(self.adapted_names, fast))
+        loss = F.cross_entropy(self._forward(params, support_x, update_stats=False), support_y)
+        grads = torch.autograd.grad(loss, fast, create_graph=create_graph, allow_unused=True)
+        updated = []
+        for name, weight, grad in zip(self.adapted_names, fast, grads):
+            if grad is None:  # the support loss does not depend on it (e.g. an unused branch)
+                updated.append(weight)
+                continue
+            rate = self.inner_lrs[name.replace(".", "-")] if self.meta_sgd else self.inner_lr
+            updated.append(weight - rate * grad)
+        return tuple(updated)
+
+    # -- the Learner protocol ------------------------------------------------------------------
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> MAMLState:
+        """Fast weights after ``inner_steps`` (training) or ``inner_steps_eval`` SGD steps.
+
+        Works under ``torch.no_grad()`` (evaluation): the inner gradients are computed under
+        ``torch.enable_grad()`` and the fast weights detached after every step, so no graph
+        back to the meta-parameters is built. Support shapes: ``(N*K, C, H, W)``, ``(N*K,)``.
+        """
+        self._check_task(support_x, support_y, way)
+        steps = self.inner_steps if self.training else self.inner_steps_eval
+        meta_graph = torch.is_grad_enabled()
+        create_graph = meta_graph and self.training and not self.first_order
+        params = dict(self.model.named_parameters())
+        fast: tuple[torch.Tensor, ...] = tuple(params[name] for name in self.adapted_names)
+        meter = self._memory_meter(params)
+        with torch.enable_grad(), meter or contextlib.nullcontext():
+            if meter is not None:
+                self.memory_profile = [meter.record(0)]
+            for step in range(1, steps + 1):
+                if not meta_graph:
+                    fast = tuple(w.detach().requires_grad_() for w in fast)
+                if self.checkpoint_inner and meta_graph:
+                    fast = checkpoint(
+                        self._inner_step, support_x, support_y, create_graph, *fast,
+                        use_reentrant=False,
+                    )
+                else:
+                    fast = self._inner_step(support_x, support_y, create_graph, *fast)
+                if meter is not None:
+                    self.memory_profile.append(meter.record(step))
+        if not meta_graph:
+            fast = tuple(w.detach() for w in fast)
+        params.update(zip(self.adapted_names, fast))
+        return MAMLState(params=params)
+
+    def predict(self, state: MAMLState, query_x: torch.Tensor) -> torch.Tensor:
+        """Query logits ``(N*Q, way)`` under the adapted fast weights."""
+        update_stats = self.bn == "running" and self.training
+        return self._forward(state.params, query_x, update_stats=update_stats)
+
+    def meta_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query cross-entropy after adaptation (+ ``similarity_penalty`` · Σ‖M − I‖²), accuracy."""
+        loss, accuracy = super().meta_loss(episode)
+        return loss + similarity_penalty_term(self.model, self.similarity_penalty), accuracy
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_task(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> None:
+        if way != self.way:
+            raise ValueError(f"episode way={way} but this learner's head was built for "
+                             f"way={self.way}")
+        if support_x.shape[0] != support_y.shape[0]:
+            raise ValueError(f"support_x has {support_x.shape[0]} images but support_y "
+                             f"{support_y.shape[0]} labels")
+
+    def _memory_meter(self, params: dict[str, torch.Tensor]) -> SavedTensorMeter | None:
+        if not self.profile_memory:
+            return None
+        device = next(iter(params.values())).device
+        return SavedTensorMeter(exclude=params.values(), device=device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"way={self.way}, inner_steps={self.inner_steps}, "
+            f"inner_steps_eval={self.inner_steps_eval}, inner_lr={self.inner_lr}, "
+            f"first_order={self.first_order}, meta_sgd={self.meta_sgd}, bn={self.bn!r}, "
+            f"adapt={list(self.adapt_patterns)}, frozen={list(self.frozen_patterns)}, "
+            f"checkpoint_inner={self.checkpoint_inner}, "
+            f"similarity_penalty={self.similarity_penalty}"
+        )
+
+
+def check_common_options(way: object, similarity_penalty: object) -> None:
+    """Validate the options every learner shares (``ValueError`` naming the bad one)."""
+    if not isinstance(way, int) or isinstance(way, bool) or way < 2:
+        raise ValueError(f"way must be an int >= 2, got {way!r}")
+    if not isinstance(similarity_penalty, (int, float)) or similarity_penalty < 0:
+        raise ValueError(
+            f"similarity_penalty must be a number >= 0, got {similarity_penalty!r}"
+        )
+
+
+def similarity_penalty_term(model: nn.Module, weight: float) -> torch.Tensor | float:
+    """``weight · fewshot_nsl.nn.similarity_penalty(model)``, or 0.0 when ``weight == 0``."""
+    if weight == 0:
+        return 0.0
+    from fewshot_nsl.nn import similarity_penalty
+
+    return weight * similarity_penalty(model)
+
+
+def _count_layers(model: nn.Module, layer_type: type) -> int:
+    return sum(isinstance(m, layer_type) for m in model.modules())
+
+
+class StaticNSN(MAML):
+    """Meta-learned static NSN (Liu et al., "Neural Similarity Learning", NeurIPS 2019).
+
+    MAML (same inner loop, same options) on a backbone built with ``conv.kind="static"``. The
+    similarity matrices ``M`` of the NSL layers are outer-loop parameters — meta-learned like
+    MAML's initialisation but, by default (``frozen=["*.M", ...]``), not changed by the inner
+    loop — while the kernels adapt. Letting M adapt too is ``frozen=[]``; adapting only M is
+    ``adapt=["*.M"]``. ``similarity_penalty`` defaults to the authors' 5e-3 (on ‖M − I‖²).
+    """
+
+    conv_kind = "static"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        way: int,
+        *,
+        inner_steps: int = 5,
+        inner_steps_eval: int = 10,
+        inner_lr: float = 0.01,
+        first_order: bool = False,
+        meta_sgd: bool = False,
+        adapt: Sequence[str] = ("*",),
+        frozen: Sequence[str] = ("*.M", "*.predictor.*"),
+        bn: str = "transductive",
+        checkpoint_inner: bool = False,
+        similarity_penalty: float = 5e-3,
+        profile_memory: bool = False,
+    ) -> None:
+        from fewshot_nsl.nn import NSLConv2d
+
+        if _count_layers(backbone, NSLConv2d) == 0:
+            raise ValueError("StaticNSN needs a backbone with static NSL layers: build it with "
+                             "conv={'kind': 'static', ...}")
+        super().__init__(
+            backbone, way, inner_steps=inner_steps, inner_steps_eval=inner_steps_eval,
+            inner_lr=inner_lr, first_order=first_order, meta_sgd=meta_sgd, adapt=adapt,
+            frozen=frozen, bn=bn, checkpoint_inner=checkpoint_inner,
+            similarity_penalty=similarity_penalty, profile_memory=profile_memory,
+        )
+
+
+class DynamicNSN(MAML):
+    """Dynamic NSN (Liu et al., "Neural Similarity Learning", NeurIPS 2019) meta-learned by MAML.
+
+    MAML on a backbone built with ``conv.kind="dynamic"``: each NSL layer's similarity
+    predictor (a hypernetwork, submodule ``predictor``) predicts M from the layer's input —
+    one M per image by default (``conv.granularity="sample"``, set by :func:`build_learner`),
+    or one per output location (``"location"``). The predictor is meta-learned in the outer
+    loop and frozen in the inner loop (``frozen=["*.predictor.*", ...]``), where the kernels
+    adapt.
+    """
+
+    conv_kind = "dynamic"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        way: int,
+        *,
+        inner_steps: int = 5,
+        inner_steps_eval: int = 10,
+        inner_lr: float = 0.01,
+        first_order: bool = False,
+        meta_sgd: bool = False,
+        adapt: Sequence[str] = ("*",),
+        frozen: Sequence[str] = ("*.M", "*.predictor.*"),
+        bn: str = "transductive",
+        checkpoint_inner: bool = False,
+        similarity_penalty: float = 0.0,
+        profile_memory: bool = False,
+    ) -> None:
+        from fewshot_nsl.nn import DynamicNSLConv2d
+
+        if _count_layers(backbone, DynamicNSLConv2d) == 0:
+            raise ValueError("DynamicNSN needs a backbone with dynamic NSL layers: build it with "
+                             "conv={'kind': 'dynamic', ...}")
+        super().__init__(
+            backbone, way, inner_steps=inner_steps, inner_steps_eval=inner_steps_eval,
+            inner_lr=inner_lr, first_order=first_order, meta_sgd=meta_sgd, adapt=adapt,
+            frozen=frozen, bn=bn, checkpoint_inner=checkpoint_inner,
+            similarity_penalty=similarity_penalty, profile_memory=profile_memory,
+        )

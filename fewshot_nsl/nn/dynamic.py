@@ -1,0 +1,260 @@
+"""Dynamic NSL: a similarity predictor (hypernetwork) produces ``M`` from the input.
+
+Method doc §1 "Dynamic NSL" and "Shared vs disjoint parameterization of the predictor".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewshot_nsl.nn.functional import patch_norm
+from fewshot_nsl.nn.static import _check_choice, reset_conv_parameters
+from fewshot_nsl.ops import bilinear_conv2d, canonical_geometry
+from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
+
+DYNAMIC_SIMILARITIES = ("diagonal", "full")
+DYNAMIC_GRANULARITIES = ("location", "sample")
+#: The per-sample predictor first average-pools its input to at most this many cells per side,
+#: so its cost does not grow with the feature map (one M per image needs no fine detail).
+SAMPLE_POOL = 8
+FIRST_SCALE = 0.1  # He init scaled by 0.1 (first conv) and 0.001 (head), as the authors do
+HEAD_SCALE = 0.001
+
+
+class SimilarityPredictor(nn.Module):
+    """Predicts ``M`` (identity + a small learned correction) from a feature map.
+
+    ``x`` ``(B, in_channels, H, W)`` is patch-normalised (divided by its local
+    ``kh x kw`` patch norm, SphereNet-style), then:
+
+    * ``granularity="location"``: ``conv1`` (``kh x kw``, at the *main conv's* stride,
+      padding and dilation, so it lands on the layer's output grid) -> [BatchNorm] -> ReLU
+      -> ``head`` conv3x3 -> ``HV`` or ``HV^2`` outputs per location -> ``M`` of shape
+      ``(B, H_out, W_out, HV[, HV])``.
+    * ``granularity="sample"``: average-pool to at most ``SAMPLE_POOL`` cells per side ->
+      ``conv1`` (``kh x kw``, "same") -> [BatchNorm] -> ReLU -> global average -> ``head``
+      linear -> ``M`` of shape ``(B, HV[, HV])``. Cheap: its cost is independent of the
+      feature map size.
+
+    Weights are He-initialised and scaled by 0.1 (``conv1``) and 0.001 (``head``), biases
+    zero, and the identity is added, so a fresh predictor returns identity + O(1e-3).
+
+    ``batch_norm`` (default: ``similarity == "diagonal"``, as in the authors' code) adds a
+    ``BatchNorm2d`` after ``conv1`` (buffers ``norm.running_mean``, ``norm.running_var``,
+    ``norm.num_batches_tracked``); pass ``False`` to keep the predictor buffer-free.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: IntPair,
+        similarity: str = "diagonal",
+        granularity: str = "location",
+        hidden: int = 64,
+        batch_norm: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("similarity", similarity, DYNAMIC_SIMILARITIES)
+        _check_choice("granularity", granularity, DYNAMIC_GRANULARITIES)
+        if hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden!r}")
+        self.in_channels = in_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.similarity = similarity
+        self.granularity = granularity
+        self.hidden = hidden
+        self.diagonal = similarity == "diagonal"
+        self.taps = self.kernel_size[0] * self.kernel_size[1]
+        use_bn = self.diagonal if batch_norm is None else batch_norm
+        outputs = self.taps if self.diagonal else self.taps * self.taps
+        self.conv1 = nn.Conv2d(in_channels, hidden, self.kernel_size, bias=not use_bn)
+        self.norm = nn.BatchNorm2d(hidden) if use_bn else nn.Identity()
+        if granularity == "location":
+            self.head: nn.Module = nn.Conv2d(hidden, outputs, 3, padding=1)
+        else:
+            self.head = nn.Linear(hidden, outputs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer, scale in ((self.conv1, FIRST_SCALE), (self.head, HEAD_SCALE)):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+            with torch.no_grad():
+                layer.weight.mul_(scale)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        if isinstance(self.norm, nn.BatchNorm2d):
+            self.norm.reset_parameters()
+
+    def forward(
+        self,
+        x: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
+        """``M`` for a main conv with this canonical geometry (see the class docstring)."""
+        x = x / patch_norm(x, self.kernel_size, padding="same")
+        batch = x.shape[0]
+        if self.granularity == "location":
+            h = F.conv2d(x, self.conv1.weight, self.conv1.bias, stride, padding, dilation)
+            delta = self.head(F.relu(self.norm(h)))  # (B, outputs, H_out, W_out)
+            h_out, w_out = delta.shape[2:]
+            if self.diagonal:
+                delta = delta.permute(0, 2, 3, 1)
+            else:
+                delta = delta.view(batch, self.taps, self.taps, h_out, w_out)
+                delta = delta.permute(0, 3, 4, 1, 2)
+        else:
+            cells = (min(x.shape[2], SAMPLE_POOL), min(x.shape[3], SAMPLE_POOL))
+            pooled = F.adaptive_avg_pool2d(x, cells)
+            h = F.conv2d(pooled, self.conv1.weight, self.conv1.bias, padding="same")
+            features = F.relu(self.norm(h)).mean(dim=(2, 3))
+            delta = self.head(features)
+            if not self.diagonal:
+                delta = delta.view(batch, self.taps, self.taps)
+        if self.diagonal:
+            return delta + 1.0
+        return delta + torch.eye(self.taps, dtype=delta.dtype, device=delta.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, kernel_size={self.kernel_size}, similarity={self.similarity!r}, "
+            f"granularity={self.granularity!r}, hidden={self.hidden}"
+        )
+
+
+class AdaptedPredictor(nn.Module):
+    """A layer's view of a *shared* predictor: a per-layer 1x1 ``adapter`` conv maps the
+    layer's ``in_channels`` to the shared predictor's width, then ``shared`` predicts ``M``.
+
+    ``reset_parameters`` resets only the adapter: the shared predictor belongs to every layer
+    and is reset by whoever owns it (the :class:`~fewshot_nsl.nn.ConvFactory`).
+    """
+
+    def __init__(self, in_channels: int, shared: SimilarityPredictor) -> None:
+        super().__init__()
+        self.adapter = nn.Conv2d(in_channels, shared.in_channels, 1, bias=False)
+        self.shared = shared
+
+    def reset_parameters(self) -> None:
+        self.adapter.reset_parameters()
+
+    def forward(
+        self,
+        x: Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> Tensor:
+        return self.shared(self.adapter(x), stride, padding, dilation)
+
+
+class DynamicNSLConv2d(nn.Module):
+    """Dynamic neural-similarity convolution: ``M`` is predicted from the input (method §1).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
+            ``nn.Conv2d`` (no groups).
+        similarity: ``"diagonal"`` (``HV`` tap weights) or ``"full"`` (``HV x HV``).
+        granularity: ``"location"`` (``M`` per sample and output location, the authors'
+            form) or ``"sample"`` (one ``M`` per image from globally pooled features; cheap,
+            the natural choice inside MAML-style learners).
+        hidden: the predictor's hidden width.
+        predictor: ``None`` builds the layer's own :class:`SimilarityPredictor`
+            ("per_layer", the authors' "disjoint" predictor). Passing a shared
+            ``SimilarityPredictor`` ("shared" predictor) makes the layer's ``predictor`` an
+            :class:`AdaptedPredictor`: a per-layer 1x1 conv from ``in_channels`` to the
+            shared predictor's ``in_channels``, then the shared network. Choice made (the paper
+            text was unavailable): the adapter is a bias-free 1x1 conv, the shared width is the
+            shared predictor's ``in_channels`` (``hidden`` when built by ``ConvFactory``), and
+            patch normalisation happens after the adapter so every layer feeds the shared
+            network inputs of the same scale. The shared predictor must match this layer's
+            ``kernel_size``, ``similarity`` and ``granularity``.
+        predictor_batch_norm: BatchNorm in an own predictor (default: diagonal only).
+
+    Parameters: ``weight``, ``bias`` and the submodule ``predictor`` (learners select
+    ``"*.predictor.*"``). A fresh layer is within ~1e-3 relative of ``nn.Conv2d`` with the
+    same weights (the predictor starts at identity + tiny).
+
+    Input ``(B, C, H, W)`` -> output ``(B, O, H_out, W_out)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: Padding = 0,
+        dilation: IntPair = 1,
+        bias: bool = True,
+        similarity: str = "diagonal",
+        granularity: str = "location",
+        hidden: int = 64,
+        predictor: SimilarityPredictor | None = None,
+        predictor_batch_norm: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("similarity", similarity, DYNAMIC_SIMILARITIES)
+        _check_choice("granularity", granularity, DYNAMIC_GRANULARITIES)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride, self.padding, self.dilation = canonical_geometry(
+            self.kernel_size, stride, padding, dilation
+        )
+        self.similarity = similarity
+        self.granularity = granularity
+        self.diagonal = similarity == "diagonal"
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        if predictor is None:
+            self.predictor: nn.Module = SimilarityPredictor(
+                in_channels, self.kernel_size, similarity, granularity, hidden,
+                predictor_batch_norm,
+            )
+        else:
+            if not isinstance(predictor, SimilarityPredictor):
+                raise ValueError(
+                    f"predictor must be a SimilarityPredictor or None, got {type(predictor)!r}"
+                )
+            for name in ("kernel_size", "similarity", "granularity"):
+                if getattr(predictor, name) != getattr(self, name):
+                    raise ValueError(
+                        f"the shared predictor has {name}={getattr(predictor, name)!r} but this "
+                        f"layer has {name}={getattr(self, name)!r}; they must match"
+                    )
+            self.predictor = AdaptedPredictor(in_channels, predictor)
+        self.reset_parameters(predictor=False)
+
+    def reset_parameters(self, predictor: bool = True) -> None:
+        """Kernel and bias as ``nn.Conv2d``; the predictor too unless ``predictor=False``."""
+        reset_conv_parameters(self.weight, self.bias)
+        if predictor:
+            self.predictor.reset_parameters()
+
+    def predict_similarity(self, x: Tensor) -> Tensor:
+        """The ``M`` this layer uses for input ``x`` (shape per ``granularity``)."""
+        return self.predictor(x, self.stride, self.padding, self.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        M = self.predict_similarity(x)
+        return bilinear_conv2d(
+            x, self.weight, M, self.bias, self.stride, self.padding, self.dilation,
+            granularity=self.granularity, diagonal=self.diagonal,
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"similarity={self.similarity!r}, granularity={self.granularity!r}"
+        )
+        if self.bias is None:
+            text += ", bias=False"
+        return text

@@ -1,0 +1,106 @@
+"""The config schema of supervised runs (``fewshot-nsl train-supervised``).
+
+Loaded with :func:`fewshot_nsl.config.load_config` (defaults ← YAML ← dotted overrides); the
+defaults are the NSL authors' CIFAR recipe (method doc §2) on the built-in synthetic glyphs.
+Every key is documented in ``docs/supervised.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# The few-shot schema's field checks are reused, so both commands validate alike.
+from fewshot_nsl.config import (
+    Field,
+    Open,
+    _check_backbone,
+    _check_device,
+    _milestones,
+    _non_negative_int,
+    _positive_int,
+    load_config,
+)
+from fewshot_nsl.nn import ConvSpec
+from fewshot_nsl.supervised.data import DATASETS
+from fewshot_nsl.supervised.model import HEADS
+from fewshot_nsl.supervised.train import PENALTY_TARGETS
+
+
+def _non_negative_float(value: float) -> float:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def _channel_floats(value: list[Any]) -> list[float]:
+    if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                            for v in value):
+        raise ValueError(f"must be a non-empty list of numbers (one per channel), got {value!r}")
+    return [float(v) for v in value]
+
+
+def _image_shape(value: list[Any]) -> list[int]:
+    if len(value) != 3 or not all(isinstance(v, int) and v >= 1 for v in value):
+        raise ValueError(f"must be [C, H, W] (3 positive ints), got {value!r}")
+    return [int(v) for v in value]
+
+
+def _check_conv(conv: dict[str, Any]) -> dict[str, Any]:
+    """Every ConvSpec field filled in (the resolved config records the full layer choice)."""
+    return ConvSpec.from_dict(conv).to_dict()
+
+
+SUPERVISED_DEFAULTS: dict[str, Any] = {
+    "name": Field(None, types=(str, None)),
+    "data": {
+        "dataset": Field("synthetic", choices=DATASETS),
+        "root": Field(None, types=(str, None)),
+        # synthetic only: num_classes, train_per_class, test_per_class, image_size,
+        # channels, seed (see fewshot_nsl.supervised.data.load_synthetic)
+        "options": Open(),
+        "augment": True,
+        # Filled in from the train images by the run (null = compute); when given, the
+        # given mean/std are used and num_classes/image_shape are checked against the data.
+        "mean": Field(None, types=(list, None), check=_channel_floats),
+        "std": Field(None, types=(list, None), check=_channel_floats),
+        "num_classes": Field(None, types=(int, None), check=_positive_int),
+        "image_shape": Field(None, types=(list, None), check=_image_shape),
+    },
+    "model": {
+        "backbone": Field("cnn9", check=_check_backbone),
+        "backbone_options": Open(),
+        "conv": Open({"kind": "plain"}, check=_check_conv),
+        "head": Field("backbone", choices=HEADS),
+    },
+    "train": {
+        "iterations": Field(42500, check=_positive_int),
+        "batch_size": Field(128, check=_positive_int),
+        "lr": Field(0.1, types=(float,), check=_non_negative_float),
+        "lr_milestones": Field([20000, 30000, 37500], check=_milestones),
+        "lr_gamma": Field(0.1, types=(float,), check=_non_negative_float),
+        "momentum": Field(0.9, types=(float,), check=_non_negative_float),
+        "nesterov": False,
+        "weight_decay": Field(5e-4, types=(float,), check=_non_negative_float),
+        "similarity_penalty": Field(5e-3, types=(float,), check=_non_negative_float),
+        "penalty_target": Field("zero", choices=PENALTY_TARGETS),
+        "label_smoothing": Field(0.01, types=(float,), check=_non_negative_float),
+        "seed": Field(0, check=_non_negative_int),
+        "device": Field("auto", check=_check_device),
+        "log_every": Field(100, check=_positive_int),
+        "eval_every": Field(2500, check=_non_negative_int),
+        "checkpoint_every": Field(2500, check=_non_negative_int),
+        "out_dir": Field(None, types=(str, None)),
+    },
+    "eval": {
+        "batch_size": Field(500, check=_positive_int),
+        "speed_batch_size": Field(128, check=_positive_int),
+        "speed_rounds": Field(5, check=_non_negative_int),
+        "speed_repeats": Field(3, check=_positive_int),
+    },
+}
+
+
+def load_supervised_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict[str, Any]:
+    """Load a ``train-supervised`` YAML config (defaults ← file ← overrides), validated."""
+    return load_config(path, list(overrides), SUPERVISED_DEFAULTS)

@@ -1,0 +1,140 @@
+"""Meta-steps per second of MAML and the NSN learners, side by side on the same episodes.
+
+Each configuration is a learner built through ``build_learner`` (Conv-4-32, 5-way 1-shot,
+15 queries per class, 5 inner steps, 84×84×3 images unless ``--quick``). A meta-step is
+``meta_loss`` + ``backward`` + an Adam step on one episode. The configurations are timed in
+interleaved rounds (round r times every configuration once), so that a load change on a
+shared machine hits all of them alike; the table reports the median time per meta-step and
+its ratio to plain MAML of the same order. A separate, untimed pass reports the memory the
+autograd graph holds after the inner loop (``SavedTensorMeter``; CUDA peak when on a GPU).
+
+    python scripts/bench_learners.py            # 84×84, 5 rounds
+    python scripts/bench_learners.py --quick    # 32×32, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from episodes import Episode
+from fewshot_nsl.learners import MAML, build_learner
+
+# name, learner config, conv spec (None: plain), targets relative to plain MAML
+CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
+    ("maml", {"name": "maml"}, None),
+    ("maml+checkpoint", {"name": "maml", "checkpoint_inner": True}, None),
+    ("static_nsn", {"name": "static_nsn"}, {"kind": "static"}),
+    ("dynamic_nsn/sample", {"name": "dynamic_nsn"}, {"kind": "dynamic", "granularity": "sample"}),
+    ("dynamic_nsn/location", {"name": "dynamic_nsn"},
+     {"kind": "dynamic", "granularity": "location"}),
+]
+TARGETS = {"static_nsn": 1.15, "dynamic_nsn/sample": 1.5}
+
+
+def make_episodes(count: int, way: int, shot: int, query: int, size: int,
+                  device: torch.device) -> list[Episode]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(way)
+    episodes = []
+    for _ in range(count):
+        episodes.append(Episode(
+            support_x=torch.randn(way * shot, 3, size, size, generator=generator),
+            support_y=labels.repeat_interleave(shot),
+            query_x=torch.randn(way * query, 3, size, size, generator=generator),
+            query_y=labels.repeat_interleave(query),
+            classes=labels, support_indices=torch.arange(way * shot),
+            query_indices=torch.arange(way * query), way=way, shot=shot, query=query,
+        ).to(device))
+    return episodes
+
+
+def build(config: dict[str, Any], conv: dict[str, Any] | None, first_order: bool, size: int,
+          inner_steps: int, way: int, device: torch.device) -> MAML:
+    torch.manual_seed(0)
+    model = {"backbone": "conv4", "backbone_options": {"filters": 32, "image_size": size}}
+    if conv is not None:
+        model["conv"] = conv
+    learner = build_learner({**config, "first_order": first_order, "inner_steps": inner_steps},
+                            model, in_channels=3, way=way)
+    return learner.to(device)
+
+
+def meta_step(learner: MAML, optimizer: torch.optim.Optimizer, episode: Episode) -> None:
+    loss, _ = learner.meta_loss(episode)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32×32 images, 3 rounds")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 84)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
+    args = parser.parse_args()
+    size = args.size or (32 if args.quick else 84)
+    rounds = args.rounds or (3 if args.quick else 5)
+    device = torch.device(args.device)
+    way, shot, query = 5, 1, 15
+    configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
+    episodes = make_episodes(rounds + 1, way, shot, query, size, device)
+
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {device}; {way}-way {shot}-shot, "
+          f"{query} queries/class, {args.inner_steps} inner steps, {size}x{size}x3, "
+          f"Conv-4-32, {rounds} interleaved rounds (+1 warm-up)")
+    results = {}
+    for first_order in (False, True):
+        runs = {}
+        for name, config, conv in configs:
+            learner = build(config, conv, first_order, size, args.inner_steps, way, device)
+            runs[name] = (learner, torch.optim.Adam(learner.parameters(), lr=1e-3), [])
+        for round_index, episode in enumerate(episodes):
+            for learner, optimizer, times in runs.values():
+                synchronize(device)
+                start = time.perf_counter()
+                meta_step(learner, optimizer, episode)
+                synchronize(device)
+                if round_index > 0:  # the first round warms up allocators and caches
+                    times.append(time.perf_counter() - start)
+        for name, (learner, _, times) in runs.items():
+            learner.profile_memory = True
+            learner.meta_loss(episodes[0])
+            learner.profile_memory = False
+            results[(name, first_order)] = (statistics.median(times),
+                                            learner.memory_profile[-1])
+
+    print("\n| learner | order | ms / meta-step | meta-steps / s | × MAML (same order) "
+          "| target | graph memory after inner loop |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for first_order in (False, True):
+        base = results[("maml", first_order)][0] if ("maml", first_order) in results else None
+        for name, _, _ in configs:
+            seconds, memory = results[(name, first_order)]
+            ratio = f"{seconds / base:.2f}" if base else "-"
+            target = TARGETS.get(name)
+            verdict = "-" if target is None else (
+                f"≤ {target} {'met' if seconds / base <= target else 'MISSED'}" if base else "-")
+            held = f"{memory.saved_bytes / 2**20:.1f} MiB"
+            if memory.cuda_peak_bytes is not None:
+                held += f" (CUDA peak {memory.cuda_peak_bytes / 2**20:.1f} MiB)"
+            print(f"| {name} | {'first' if first_order else 'second'} | {seconds * 1e3:.0f} | "
+                  f"{1 / seconds:.2f} | {ratio} | {verdict} | {held} |")
+
+
+if __name__ == "__main__":
+    main()
