@@ -202,17 +202,17 @@ def _load_mini_imagenet_pickle(folder: Path, split: str) -> RawSplit:
             f"{path}: 'image_data' must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
         )
     class_dict = _str_keys(data["class_dict"], path)
-    labels = np.full(len(images), -1, dtype=np.int64)
     names = sorted(class_dict)
-    for label, name in enumerate(names):
-        rows = np.asarray(class_dict[name], dtype=np.int64)
+    # A class's images in class_dict's order (rows no class lists are dropped, as the source
+    # libraries do).
+    class_rows = [np.asarray(class_dict[name], dtype=np.int64).reshape(-1) for name in names]
+    for name, rows in zip(names, class_rows):
         if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
             raise ValueError(
                 f"{path}: class_dict[{name!r}] has row indices outside 0..{len(images) - 1}"
             )
-        labels[rows] = label
-    keep = labels >= 0  # rows no class claims are dropped, as the source libraries do
-    return RawSplit(images[keep], labels[keep], names)
+    labels = np.repeat(np.arange(len(names), dtype=np.int64), [len(r) for r in class_rows])
+    return RawSplit(images[np.concatenate(class_rows)], labels, names)
 
 
 def _load_mini_imagenet_csv(folder: Path, split: str) -> RawSplit:

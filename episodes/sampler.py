@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from episodes.episode import Episode
 from episodes.split import ImageSplit, stable_hash
-from episodes.transforms import Normalize
+from episodes.transforms import Normalize, uint8_to_float
 
 __all__ = ["EpisodeSampler", "TaskBatcher", "collate_episodes", "SizeSpec", "EpisodeSource"]
 
@@ -98,9 +98,11 @@ class EpisodeSource(Dataset):
         rows = np.concatenate([support_rows, query_rows])
         # One gather for the whole episode; works the same on an ndarray or a memmap.
         pixels = torch.from_numpy(np.ascontiguousarray(self.split.images[rows]))
-        images = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).mul_(1.0 / 255.0)
-        generator = torch.Generator().manual_seed(torch_seed)
-        images = self.transform(images, generator)
+        if isinstance(self.transform, Normalize):  # the default: fused, no random draws
+            images = self.transform.from_uint8(pixels)
+        else:
+            generator = torch.Generator().manual_seed(torch_seed)
+            images = self.transform(uint8_to_float(pixels), generator)
         num_support = len(support_rows)
         labels = torch.arange(way, dtype=torch.int64)
         return Episode(

@@ -211,7 +211,14 @@ class SyntheticGlyphs:
         if class_ids is None:
             class_ids = range(self.classes_in(split))
         starts, ends, widths, colours = self._class_segments(split, class_ids)
-        coverage = self._render(starts, ends, widths).numpy()[..., None]  # (n, H, W, 1)
+        # One thread: these small ops gain little from two, and on a busy machine torch's
+        # thread pool can make them ten times slower; results do not depend on it.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            coverage = self._render(starts, ends, widths).numpy()[..., None]  # (n, H, W, 1)
+        finally:
+            torch.set_num_threads(threads)
         background, stroke = colours[:, None, None, 0, :], colours[:, None, None, 1, :]
         images = background + coverage * (stroke - background)
         # Pixel noise from its own stream per class, so a class never depends on another.

@@ -68,10 +68,16 @@ class Field:
 
 @dataclass(frozen=True)
 class Open:
-    """A free-form mapping (constructor options); ``check(mapping) -> mapping`` may validate."""
+    """A free-form mapping (constructor options); ``check(mapping) -> mapping`` may validate.
+
+    ``switch_key``: when a later layer (a run, an override file) sets this key to another
+    value, the mapping is replaced instead of merged (a run switching ``learner.name`` from
+    ``maml`` to ``protonet`` must not inherit MAML's options).
+    """
 
     default: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    switch_key: str | None = None
 
 
 # -- the few-shot schema ---------------------------------------------------------------------
@@ -189,7 +195,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "backbone_options": Open({"filters": 32}),
         "conv": Open({"kind": "plain"}, check=_check_conv),
     },
-    "learner": Open({"name": "maml"}, check=_check_learner),
+    "learner": Open({"name": "maml"}, check=_check_learner, switch_key="name"),
     "train": {
         "steps": Field(60000, check=_non_negative_int),
         "lr": Field(1e-3, types=(float,)),
@@ -351,10 +357,20 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any], schema: Mapping[str,
             base[key] = copy.deepcopy(value)
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> None:
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any], schema: Any) -> None:
+    """Merge file layer ``update`` into ``base`` at every depth (see :class:`Open.switch_key`)."""
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+        spec = schema.get(key) if isinstance(schema, Mapping) else None
+        switched = (
+            isinstance(spec, Open)
+            and spec.switch_key is not None
+            and isinstance(value, Mapping)
+            and isinstance(base.get(key), dict)
+            and spec.switch_key in value
+            and value[spec.switch_key] != base[key].get(spec.switch_key)
+        )
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and not switched:
+            _deep_merge(base[key], value, spec)
         else:
             base[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
 
@@ -415,7 +431,7 @@ def resolve_config(
     def resolve(*layers: Mapping[str, Any]) -> dict[str, Any]:
         combined: dict[str, Any] = {}
         for layer in layers:  # file layers (base, run) merge key by key, at every depth
-            _deep_merge(combined, layer)
+            _deep_merge(combined, layer, defaults)
         merged = _default_values(defaults)
         _merge(merged, combined, defaults)
         for path, value in parsed:

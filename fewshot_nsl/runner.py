@@ -370,6 +370,8 @@ class MetaTrainer:
         config = self.config
         train = config["train"]
         train_split = self.split("train")
+        for name in ("val", "test"):  # fail now, not after training, if a split is missing
+            self.split(name)
         seed_everything(train["seed"])
         self.learner = build_model(config, in_channels=train_split.image_shape[0]).to(self.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=train["lr"])
@@ -547,13 +549,19 @@ class MetaTrainer:
         if improved:
             self.save("best.pt")
 
-    def test(self) -> dict[int, EvalResult]:
-        """Test the best weights (the final ones without validation) on every test shot."""
+    def load_best(self) -> None:
+        """Load ``best.pt``'s weights into the learner when validation chose any (part of the
+        distributed seam: there rank 0 loads and sends them to the other ranks)."""
         assert self.learner is not None
         best_path = self.run_dir.file("best.pt")
         if self.best is not None and best_path.is_file():
             load_model_state(self.learner, load_checkpoint(best_path, self.device)["model"],
                              str(best_path))  # fmt: skip
+
+    def test(self) -> dict[int, EvalResult]:
+        """Test the best weights (the final ones without validation) on every test shot."""
+        assert self.learner is not None
+        self.load_best()
         episodes = self.config["episodes"]
         return evaluate_shots(
             self.learner, self.config, self.split("test"), episodes["test_shots"],

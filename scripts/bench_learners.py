@@ -72,6 +72,26 @@ def meta_step(learner: MAML, optimizer: torch.optim.Optimizer, episode: Episode)
     optimizer.step()
 
 
+def profile(name: str, size: int, inner_steps: int, way: int, episodes: list[Episode],
+            device: torch.device) -> None:
+    """Print the 15 ops with the most self time in one second-order meta-step of ``name``."""
+    matches = [(config, conv) for n, config, conv in CONFIGS if n == name]
+    if not matches:
+        raise SystemExit(f"--profile: unknown configuration {name!r}; "
+                         f"choose from {[n for n, _, _ in CONFIGS]}")
+    config, conv = matches[0]
+    learner = build(config, conv, False, size, inner_steps, way, device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    meta_step(learner, optimizer, episodes[0])  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        meta_step(learner, optimizer, episodes[1])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -85,6 +105,9 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
+    parser.add_argument("--profile", metavar="NAME", default=None,
+                        help="instead of timing, profile one meta-step of configuration NAME "
+                             "(torch.profiler) and print the ops that dominate it")
     args = parser.parse_args()
     size = args.size or (32 if args.quick else 84)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -92,6 +115,9 @@ def main() -> None:
     way, shot, query = 5, 1, 15
     configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
     episodes = make_episodes(rounds + 1, way, shot, query, size, device)
+    if args.profile is not None:
+        profile(args.profile, size, args.inner_steps, way, episodes, device)
+        return
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {device}; {way}-way {shot}-shot, "

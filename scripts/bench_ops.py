@@ -6,8 +6,9 @@ cuda``): the Conv-4 and ResNet-12 layer shapes at batch 80 and 256, adding the C
 
 Timing: every round runs each row once, interleaved, so background load hits all rows alike;
 the reported time is the minimum over rounds (``--stat median`` for the median). Ratios are
-to the plain ``F.conv2d`` row measured in the same rounds. GPU rows are timed with CUDA events
-after a synchronize.
+to the plain ``F.conv2d`` row measured in the same rounds. Each timed run is preceded by one
+untimed run of the same row, so a row does not pay for the memory the previous row (e.g. the
+reference) handed back to the OS. GPU rows are timed with CUDA events after a synchronize.
 
     python scripts/bench_ops.py               # CPU table
     python scripts/bench_ops.py --quick       # fewer rounds, 21x21 only
@@ -137,6 +138,7 @@ def bench(rows: list[Row], device: torch.device, rounds: int, stat: str) -> dict
     samples: dict[str, list[float]] = {row.name: [] for row in rows}
     for _ in range(rounds):
         for row in rows:
+            time_once(row, device)  # untimed: re-fault this row's buffers after the last row
             samples[row.name].append(time_once(row, device))
     reduce = min if stat == "min" else statistics.median
     return {name: reduce(values) for name, values in samples.items()}

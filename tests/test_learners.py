@@ -49,8 +49,12 @@ class TanhLayer(nn.Module):
 
 
 def make_episode(
-    way: int = WAY, shot: int = 2, query: int = 2, shape: tuple[int, ...] = (1, 2, 2),
-    dtype: torch.dtype = torch.float32, seed: int = 0,
+    way: int = WAY,
+    shot: int = 2,
+    query: int = 2,
+    shape: tuple[int, ...] = (1, 2, 2),
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> Episode:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(way)
@@ -62,7 +66,9 @@ def make_episode(
         classes=labels,
         support_indices=torch.arange(way * shot),
         query_indices=torch.arange(way * query),
-        way=way, shot=shot, query=query,
+        way=way,
+        shot=shot,
+        query=query,
     )
 
 
@@ -76,6 +82,7 @@ def image_episode(seed: int = 0, dtype: torch.dtype = torch.float32) -> Episode:
 
 
 # -- the inner loop against analytic softmax-regression gradients -----------------------------
+
 
 def softmax_regression_grads(
     weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor
@@ -100,8 +107,9 @@ def test_inner_steps_equal_hand_written_sgd(steps: int) -> None:
     state = learner.adapt(episode.support_x, episode.support_y, WAY)
     head = learner.model.head
     x = episode.support_x.flatten(1)
-    weight, bias = hand_sgd(head.weight.detach(), head.bias.detach(), x, episode.support_y,
-                            0.3, steps)
+    weight, bias = hand_sgd(
+        head.weight.detach(), head.bias.detach(), x, episode.support_y, 0.3, steps
+    )
     torch.testing.assert_close(state.params["head.weight"], weight, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.params["head.bias"], bias, rtol=1e-12, atol=1e-12)
 
@@ -133,8 +141,9 @@ def test_second_order_meta_gradient_matches_finite_differences() -> None:
     learner.meta_loss(episode)[0].backward()
     reference = finite_difference_grads(learner, episode)
     for name, parameter in learner.named_parameters():
-        torch.testing.assert_close(parameter.grad, reference[name], rtol=1e-6, atol=1e-8,
-                                   msg=f"meta-gradient of {name}")
+        torch.testing.assert_close(
+            parameter.grad, reference[name], rtol=1e-6, atol=1e-8, msg=f"meta-gradient of {name}"
+        )
 
 
 def test_meta_sgd_meta_gradient_matches_directional_finite_differences() -> None:
@@ -167,10 +176,17 @@ def test_first_order_is_the_gradient_at_the_adapted_weights() -> None:
     second = MAML(Flatten(4), WAY, inner_steps=2, inner_lr=0.5).double()
     second.load_state_dict(first.state_dict())
     head = first.model.head
-    weight, bias = hand_sgd(head.weight.detach(), head.bias.detach(),
-                            episode.support_x.flatten(1), episode.support_y, 0.5, 2)
-    grad_w, grad_b = softmax_regression_grads(weight, bias, episode.query_x.flatten(1),
-                                              episode.query_y)
+    weight, bias = hand_sgd(
+        head.weight.detach(),
+        head.bias.detach(),
+        episode.support_x.flatten(1),
+        episode.support_y,
+        0.5,
+        2,
+    )
+    grad_w, grad_b = softmax_regression_grads(
+        weight, bias, episode.query_x.flatten(1), episode.query_y
+    )
     first.meta_loss(episode)[0].backward()
     second.meta_loss(episode)[0].backward()
     torch.testing.assert_close(head.weight.grad, grad_w, rtol=1e-10, atol=1e-12)
@@ -180,6 +196,7 @@ def test_first_order_is_the_gradient_at_the_adapted_weights() -> None:
 
 
 # -- parameter selection: static M, dynamic predictor, ANIL, Meta-SGD -------------------------
+
 
 def test_static_nsn_meta_learns_m_and_adapts_kernels() -> None:
     torch.manual_seed(0)
@@ -191,8 +208,9 @@ def test_static_nsn_meta_learns_m_and_adapts_kernels() -> None:
     state = learner.adapt(episode.support_x, episode.support_y, WAY)
     for name in m_names:
         assert state.params[name] is parameters[name]  # untouched by the inner loop
-    assert not torch.equal(state.params["backbone.blocks.0.conv.weight"],
-                           parameters["backbone.blocks.0.conv.weight"])
+    assert not torch.equal(
+        state.params["backbone.blocks.0.conv.weight"], parameters["backbone.blocks.0.conv.weight"]
+    )
     learner.meta_loss(episode)[0].backward()
     for name in m_names:
         assert parameters[name].grad is not None and parameters[name].grad.abs().sum() > 0
@@ -248,7 +266,9 @@ def test_meta_sgd_rates_start_at_inner_lr_and_receive_gradient() -> None:
 def test_select_parameters_patterns_and_errors() -> None:
     names = ["backbone.a.weight", "backbone.a.M", "backbone.a.predictor.w", "head.weight"]
     assert select_parameters(names, ["*"], ["*.M", "*.predictor.*"]) == [
-        "backbone.a.weight", "head.weight"]
+        "backbone.a.weight",
+        "head.weight",
+    ]
     with pytest.raises(ValueError, match="'heads.\\*' matches no parameter"):
         select_parameters(names, ["heads.*"], [])
     with pytest.raises(ValueError, match="leaves no parameter"):
@@ -256,6 +276,7 @@ def test_select_parameters_patterns_and_errors() -> None:
 
 
 # -- BatchNorm policies --------------------------------------------------------------------------
+
 
 def buffers(learner: MAML) -> dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in learner.model.named_buffers()}
@@ -293,8 +314,10 @@ def test_running_bn_updates_only_in_the_outer_loop_and_is_used_at_evaluation() -
     assert_same_buffers(before, buffers(learner))  # inner loop: no update
     learner.predict(state, episode.query_x)
     after_query = buffers(learner)
-    assert not torch.equal(after_query["backbone.blocks.0.norm.running_mean"],
-                           before["backbone.blocks.0.norm.running_mean"])
+    assert not torch.equal(
+        after_query["backbone.blocks.0.norm.running_mean"],
+        before["backbone.blocks.0.norm.running_mean"],
+    )
     learner.eval()
     with torch.no_grad():
         learner.meta_loss(episode)
@@ -316,8 +339,9 @@ def test_evaluation_under_no_grad_uses_eval_steps_and_builds_no_graph() -> None:
         state = learner.adapt(episode.support_x, episode.support_y, WAY)
         logits = learner.predict(state, episode.query_x)
     assert len(learner.memory_profile) == 4  # steps 0..3
-    assert not logits.requires_grad and all(not p.requires_grad for p in state.params.values()
-                                            if p not in set(learner.parameters()))
+    assert not logits.requires_grad and all(
+        not p.requires_grad for p in state.params.values() if p not in set(learner.parameters())
+    )
     learner.train()
     learner.adapt(episode.support_x, episode.support_y, WAY)
     assert len(learner.memory_profile) == 2
@@ -329,8 +353,9 @@ def test_checkpointed_inner_loop_same_gradient_less_saved_memory() -> None:
     runs = {}
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        learner = MAML(tiny_conv4(), WAY, inner_steps=3, checkpoint_inner=checkpointed,
-                       profile_memory=True).double()
+        learner = MAML(
+            tiny_conv4(), WAY, inner_steps=3, checkpoint_inner=checkpointed, profile_memory=True
+        ).double()
         learner.meta_loss(episode)[0].backward()
         runs[checkpointed] = (
             {n: p.grad.clone() for n, p in learner.named_parameters()},
@@ -341,6 +366,22 @@ def test_checkpointed_inner_loop_same_gradient_less_saved_memory() -> None:
         torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-10, atol=1e-12)
     assert plain_bytes[0] == 0 and all(a < b for a, b in zip(plain_bytes, plain_bytes[1:]))
     assert ckpt_bytes[-1] < plain_bytes[-1] / 2
+    assert learner.memory_profile[-1].cuda_peak_bytes is None  # CPU: no allocator counter
+
+
+@pytest.mark.cuda
+def test_cuda_meta_step_and_peak_memory() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    learner = DynamicNSN(
+        tiny_conv4("dynamic", granularity="sample"), WAY, inner_steps=2, profile_memory=True
+    ).cuda()
+    loss, _ = learner.meta_loss(image_episode().to("cuda"))
+    loss.backward()
+    assert all(p.grad is not None for p in learner.parameters())
+    peaks = [m.cuda_peak_bytes for m in learner.memory_profile]
+    assert all(isinstance(p, int) and p > 0 for p in peaks) and peaks == sorted(peaks)
 
 
 def test_similarity_penalty_adds_weighted_norm_of_m_minus_identity() -> None:
@@ -354,12 +395,16 @@ def test_similarity_penalty_adds_weighted_norm_of_m_minus_identity() -> None:
     base = learner.meta_loss(episode)[0]
     learner.similarity_penalty = 0.5
     penalised = learner.meta_loss(episode)[0]
-    by_hand = sum(((p - torch.eye(p.shape[-1])) ** 2).sum()
-                  for n, p in learner.model.named_parameters() if n.endswith(".M"))
+    by_hand = sum(
+        ((p - torch.eye(p.shape[-1])) ** 2).sum()
+        for n, p in learner.model.named_parameters()
+        if n.endswith(".M")
+    )
     torch.testing.assert_close(penalised - base, 0.5 * by_hand)
 
 
 # -- ProtoNet -----------------------------------------------------------------------------------
+
 
 def test_protonet_logits_equal_hand_computation() -> None:
     torch.manual_seed(0)
@@ -383,11 +428,13 @@ def test_protonet_logits_equal_hand_computation() -> None:
 
 # -- build_learner and plug-in backbones -------------------------------------------------------
 
+
 def test_build_learner_names_options_and_defaults() -> None:
     assert list_learners() == ["dynamic_nsn", "maml", "protonet", "static_nsn"]
     model = {"backbone": "conv4", "backbone_options": {"filters": 4, "image_size": 16}}
-    maml = build_learner({"name": "maml", "inner_steps": 2, "bn": "running"}, model,
-                         in_channels=3, way=5)
+    maml = build_learner(
+        {"name": "maml", "inner_steps": 2, "bn": "running"}, model, in_channels=3, way=5
+    )
     assert isinstance(maml, MAML) and maml.inner_steps == 2 and maml.bn == "running"
     dynamic = build_learner({"name": "dynamic_nsn"}, model, in_channels=3, way=5)
     layer = dynamic.model.backbone.blocks[0].conv
@@ -415,6 +462,11 @@ def test_build_learner_errors(learner: dict, model: dict, message: str) -> None:
         build_learner(learner, model, in_channels=3, way=5)
 
 
+def test_backbone_without_out_features_is_an_error() -> None:
+    with pytest.raises(ValueError, match="out_features"):
+        MAML(nn.Flatten(), WAY)
+
+
 def test_wrong_way_is_an_error() -> None:
     learner = MAML(Flatten(4), WAY)
     episode = make_episode(way=4)
@@ -429,7 +481,8 @@ def test_custom_backbone_by_import_path_trains(name: str, monkeypatch: pytest.Mo
     learner = build_learner(
         {"name": name, "inner_steps": 1},
         {"backbone": "my_backbone:build", "backbone_options": {"width": 4}},
-        in_channels=3, way=WAY,
+        in_channels=3,
+        way=WAY,
     )
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-2)
     episode = image_episode()
@@ -445,13 +498,16 @@ def test_custom_backbone_by_import_path_trains(name: str, monkeypatch: pytest.Mo
 
 # -- a small meta-training run on synthetic episodes ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def synthetic_splits():
     from episodes import build_split
 
     options = {"images_per_class": 12, "image_size": 16, "channels": 1, "seed": 0}
-    return (build_split("synthetic", "train", num_classes=20, **options),
-            build_split("synthetic", "test", num_classes=10, **options))
+    return (
+        build_split("synthetic", "train", num_classes=20, **options),
+        build_split("synthetic", "test", num_classes=10, **options),
+    )
 
 
 @pytest.mark.slow
@@ -461,12 +517,14 @@ def test_meta_training_on_synthetic_episodes_beats_chance(name: str, synthetic_s
 
     train, test = synthetic_splits
     torch.manual_seed(0)
-    options = {} if name == "protonet" else {"inner_steps": 1, "inner_steps_eval": 3,
-                                              "inner_lr": 0.1}
+    options = (
+        {} if name == "protonet" else {"inner_steps": 1, "inner_steps_eval": 3, "inner_lr": 0.1}
+    )
     learner = build_learner(
         {"name": name, **options},
         {"backbone": "conv4", "backbone_options": {"filters": 16, "image_size": 16}},
-        in_channels=1, way=5,
+        in_channels=1,
+        way=5,
     )
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
     episodes = EpisodeSampler(train, way=5, shot=1, query=5, seed=0)

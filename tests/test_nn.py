@@ -44,8 +44,12 @@ def test_static_fresh_layer_equals_conv2d(similarity, sharing):
 
 @pytest.mark.parametrize(
     ("similarity", "sharing", "shape"),
-    [("full", "shared", (9, 9)), ("diagonal", "shared", (9,)),
-     ("full", "disjoint", (4, 9, 9)), ("diagonal", "disjoint", (4, 9))],
+    [
+        ("full", "shared", (9, 9)),
+        ("diagonal", "shared", (9,)),
+        ("full", "disjoint", (4, 9, 9)),
+        ("diagonal", "disjoint", (4, 9)),
+    ],
 )
 def test_static_matches_reference(similarity, sharing, shape):
     torch.manual_seed(1)
@@ -77,7 +81,8 @@ def test_fold_model_leaves_only_conv2d():
     torch.manual_seed(3)
     factory = ConvFactory(ConvSpec(kind="static", similarity="diagonal", sharing="disjoint"))
     model = nn.Sequential(
-        factory(3, 8, 3, padding=1), nn.ReLU(),
+        factory(3, 8, 3, padding=1),
+        nn.ReLU(),
         nn.Sequential(factory(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)),
         factory(8, 4, 1),
     ).eval()
@@ -179,8 +184,15 @@ def test_dynamic_fresh_layer_close_to_conv(similarity, granularity):
 def test_dynamic_uses_predicted_m(similarity, granularity):
     torch.manual_seed(8)
     layer = DynamicNSLConv2d(
-        3, 4, 3, padding=1, dilation=2, similarity=similarity, granularity=granularity,
-        hidden=8, predictor_batch_norm=False,
+        3,
+        4,
+        3,
+        padding=1,
+        dilation=2,
+        similarity=similarity,
+        granularity=granularity,
+        hidden=8,
+        predictor_batch_norm=False,
     ).double()
     with torch.no_grad():  # make the predictor's contribution large enough to matter
         layer.predictor.head.weight.mul_(1000.0)
@@ -203,7 +215,8 @@ def test_predictor_batch_norm_optional():
     without = DynamicNSLConv2d(3, 4, 3, similarity="diagonal", predictor_batch_norm=False)
     full = DynamicNSLConv2d(3, 4, 3, similarity="full")
     assert {n for n, _ in with_bn.named_buffers()} == {
-        "predictor.norm.running_mean", "predictor.norm.running_var",
+        "predictor.norm.running_mean",
+        "predictor.norm.running_var",
         "predictor.norm.num_batches_tracked",
     }
     assert list(without.named_buffers()) == [] and list(full.named_buffers()) == []
@@ -267,8 +280,11 @@ def test_factory_shared_predictor():
     torch.manual_seed(10)
     factory = ConvFactory(ConvSpec(kind="dynamic", predictor="shared", hidden=8))
     model = nn.Sequential(
-        factory(3, 6, 3, padding=1), nn.ReLU(), factory(6, 6, 3, stride=2, padding=1),
-        nn.ReLU(), factory(6, 4, 1),
+        factory(3, 6, 3, padding=1),
+        nn.ReLU(),
+        factory(6, 6, 3, stride=2, padding=1),
+        nn.ReLU(),
+        factory(6, 4, 1),
     )
     assert len(factory.shared_predictors) == 2  # one per kernel size: 3x3 and 1x1
     shared = factory.shared_predictors[0]

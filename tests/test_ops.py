@@ -141,6 +141,22 @@ def test_gradcheck(granularity, diagonal, path, monkeypatch):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_gradgradcheck_torch_path(granularity, diagonal, monkeypatch):
+    """Second-order MAML differentiates through the backward pass: check it too."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2, 4, 4, dtype=DTYPE, generator=gen, requires_grad=True)
+    weight = torch.randn(2, 2, 3, 3, dtype=DTYPE, generator=gen, requires_grad=True)
+    M = random_m(granularity, diagonal, 2, 2, 9, (4, 4), gen).requires_grad_()
+
+    def op(x, weight, M):
+        return bilinear_conv2d(x, weight, M, padding=1, granularity=granularity, diagonal=diagonal)
+
+    assert torch.autograd.gradgradcheck(op, (x, weight, M))
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_identity_reproduces_conv2d(granularity):
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 4, 7, 7, dtype=DTYPE, generator=gen)
@@ -150,8 +166,8 @@ def test_identity_reproduces_conv2d(granularity):
     out_hw = tuple(expected.shape[2:])
     for diagonal in (False, True):
         shape = expected_m_shape(granularity, diagonal, 3, 4, 9, out_hw)
-        eye = torch.ones(shape, dtype=DTYPE) if diagonal else torch.eye(9, dtype=DTYPE).expand(
-            shape
+        eye = (
+            torch.ones(shape, dtype=DTYPE) if diagonal else torch.eye(9, dtype=DTYPE).expand(shape)
         )
         out = bilinear_conv2d(
             x, weight, eye, bias, 1, 1, 2, granularity=granularity, diagonal=diagonal
@@ -187,7 +203,11 @@ def test_bad_m_shape_names_expected_shape(granularity, diagonal, bad_shape, expe
     weight = torch.randn(2, 3, 3, 3)
     with pytest.raises(ValueError, match=f"granularity='{granularity}'") as info:
         bilinear_conv2d(
-            x, weight, torch.randn(bad_shape), padding=1, granularity=granularity,
+            x,
+            weight,
+            torch.randn(bad_shape),
+            padding=1,
+            granularity=granularity,
             diagonal=diagonal,
         )
     assert expected in str(info.value)

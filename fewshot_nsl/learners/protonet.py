@@ -24,6 +24,10 @@ class ProtoNet(Learner):
             NSL layers, added to :meth:`meta_loss` (0 disables it).
     """
 
+    #: BatchNorm follows the module's train/eval mode (batch statistics and running-average
+    #: updates in meta-training, running statistics in evaluation); stamped into results.
+    bn = "module"
+
     def __init__(self, backbone: nn.Module, way: int, *, similarity_penalty: float = 0.0) -> None:
         super().__init__()
         check_common_options(way, similarity_penalty)

@@ -27,7 +27,7 @@ Paths
 * :func:`bilinear_conv2d_torch`: the fast pure-PyTorch paths. ``shared``/``channel`` and
   ``sample`` fold ``M`` into an effective kernel (one ``F.conv2d``, grouped over the batch for
   ``sample``); ``location`` mixes the unfolded taps per output location and contracts them
-  with ``W`` in one matmul (see :func:`_location_torch` for why this order).
+  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order).
 * the CUDA kernel in :mod:`fewshot_nsl.ops.cuda` (``sample``/``location`` only), used when the
   input is on a GPU and the extension built.
 
@@ -280,16 +280,17 @@ def _location_torch(
     dilation: tuple[int, int],
     diagonal: bool,
 ) -> Tensor:
-    """Per-location ``M``: mix the shifted taps per location, then one matmul with ``W``.
+    """Per-location ``M``: mix the shifted taps per location, then contract with ``W``.
 
     ``F.unfold`` gathers every tap's shifted input at the output resolution once
     (``(B, C, HV, L)``; stride and dilation come for free). ``M`` is applied on the *input*
     side, ``x~[b, c, k, l] = sum_k' M[b, l, k, k'] x[b, c, k', l]``, which costs ``C * HV``
-    (diagonal) or ``C * HV^2`` (full) multiply-adds per location on top of the convolution's
-    ``O * C * HV``. Mixing the per-tap *responses* instead (the authors' 1x1-conv layout) would
-    need all ``HV^2`` (tap, shift) response pairs for the full form, and ``O * HV`` rather than
-    ``C * HV`` for the diagonal one; this order never pays more than the convolution itself
-    plus the mixing.
+    (diagonal: one broadcast multiply) or ``C * HV^2`` (full) multiply-adds per location on
+    top of the convolution's ``O * C * HV``. Mixing the per-tap *responses* instead (the
+    authors' 1x1-conv layout) needs all ``HV^2`` (tap, shift) response pairs for the full form,
+    and ``O * HV`` rather than ``C * HV`` for the diagonal one. The contraction with ``W`` is a
+    1x1 convolution over the ``C * HV`` mixed channels, which runs on the same optimised
+    kernels (oneDNN/cuDNN) as ``F.conv2d`` for both passes.
     """
     batch, channels = x.shape[:2]
     out_ch, _, kh, kw = weight.shape
@@ -299,15 +300,14 @@ def _location_torch(
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     cols = cols.view(batch, channels, taps, locations)
     if diagonal:
-        mixed = cols * M.reshape(batch, 1, locations, taps).transpose(2, 3)
+        # (B, 1, HV, L), contiguous so the broadcast over channels vectorises along L.
+        m_taps = M.reshape(batch, locations, taps).transpose(1, 2).contiguous().unsqueeze(1)
+        mixed = cols * m_taps
     else:
-        # Batched (HV x HV) @ (HV x C) per (b, l): put (b, l) in front for bmm.
-        m_blk = M.reshape(batch, locations, taps, taps)
-        cols_t = cols.permute(0, 3, 2, 1)  # (B, L, HV', C)
-        mixed = (m_blk @ cols_t).permute(0, 3, 2, 1)  # (B, C, HV, L)
-    mixed = mixed.reshape(batch, channels * taps, locations)
-    out = weight.reshape(out_ch, channels * taps) @ mixed  # (B, O, L)
-    return out.view(batch, out_ch, h_out, w_out)
+        m_blocks = M.reshape(batch, locations, taps, taps).permute(0, 2, 3, 1)  # (B, k, k', L)
+        mixed = torch.einsum("bkql,bcql->bckl", m_blocks, cols)
+    mixed = mixed.reshape(batch, channels * taps, h_out, w_out)
+    return F.conv2d(mixed, weight.reshape(out_ch, channels * taps, 1, 1))
 
 
 def bilinear_conv2d_torch(

@@ -164,7 +164,7 @@ def _reset_extension_state() -> None:
 def cuda_available() -> bool:
     """True iff a CUDA device is present and the compiled extension loads (see
     :func:`load_extension`; never raises, warns at most once per process)."""
-    return torch.cuda.is_available() and load_extension() is not None
+    return load_extension() is not None
 
 
 # --------------------------------------------------------------------------------------------

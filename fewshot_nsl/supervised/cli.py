@@ -58,12 +58,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     export = subparsers.add_parser(
         "export",
-        help="export a train-supervised checkpoint as TorchScript (static NSN folded to a CNN)",
-        description="Write a self-contained TorchScript file (torch.jit.load, no fewshot_nsl "
-        "needed) taking float images in [0, 1] and returning logits.",
+        help="export a train-supervised checkpoint with torch.export (static NSN folded to a CNN)",
+        description="Write a self-contained torch.export program (.pt2; load it with "
+        "torch.export.load(FILE).module(), no fewshot_nsl needed) taking float images in "
+        "[0, 1] and returning logits.",
     )
     export.add_argument("--checkpoint", required=True, help="last.pt of a train-supervised run")
-    export.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    export.add_argument("--out", required=True, help="file to write, e.g. model.pt2")
     export.add_argument("--fold", action="store_true",
                         help="fold static NSL layers into plain nn.Conv2d (same predictions, "
                         "CNN speed)")

@@ -83,7 +83,7 @@ SUPERVISED_DEFAULTS: dict[str, Any] = {
         "nesterov": False,
         "weight_decay": Field(5e-4, types=(float,), check=_non_negative_float),
         "similarity_penalty": Field(5e-3, types=(float,), check=_non_negative_float),
-        "penalty_target": Field("zero", choices=PENALTY_TARGETS),
+        "penalty_target": Field("identity", choices=PENALTY_TARGETS),
         "label_smoothing": Field(0.01, types=(float,), check=_non_negative_float),
         "seed": Field(0, check=_non_negative_int),
         "device": Field("auto", check=_check_device),

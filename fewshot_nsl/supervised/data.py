@@ -8,8 +8,9 @@ fingerprint that is stamped into the run directory.
 
 from __future__ import annotations
 
+import inspect
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def _require(content: dict[str, Any], key: str, path: Path) -> Any:
 
 
 def read_cifar_split(
-    root: str | Path, dataset: str, split: str
+    root: str | Path, dataset: str, split: str, *, strict: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read one split of CIFAR-10 or CIFAR-100 from the python pickles.
 
@@ -131,6 +132,8 @@ def read_cifar_split(
             for CIFAR-10; ``train``, ``test``, ``meta`` for CIFAR-100), or its parent.
         dataset: ``"cifar10"`` or ``"cifar100"`` (fine labels).
         split: ``"train"`` or ``"test"``.
+        strict: require the published split sizes (50,000 train / 10,000 test images);
+            ``False`` accepts subsets with the same file layout.
 
     Returns:
         images uint8 ``(N, 32, 32, 3)``, labels int64 ``(N,)``, class names.
@@ -183,23 +186,29 @@ def read_cifar_split(
     images = np.ascontiguousarray(np.concatenate(image_blocks))
     labels = np.concatenate(label_blocks)
     expected = layout["sizes"][split]
-    if len(images) != expected:
+    if strict and len(images) != expected:
         raise ValueError(
             f"{dataset} {split} split in {str(folder)!r} has {len(images)} images, expected "
-            f"{expected} (truncated or foreign files?)"
+            f"{expected} (truncated or foreign files? data.options.strict=false accepts "
+            "subsets)"
         )
     return images, labels, class_names
 
 
-def load_cifar(root: str | Path | None, dataset: str) -> ClassificationData:
-    """CIFAR-10 or CIFAR-100 (train 50k, test 10k) from the python pickles under ``root``."""
+def load_cifar(
+    root: str | Path | None, dataset: str, *, strict: bool = True
+) -> ClassificationData:
+    """CIFAR-10 or CIFAR-100 (train 50k, test 10k) from the python pickles under ``root``
+    (see :func:`read_cifar_split` for ``strict``)."""
     if root is None:
         raise ValueError(
             f"data.root must name the folder with the {dataset} python pickles "
             "(e.g. data.root=/data/cifar-100-python)"
         )
-    train_images, train_labels, class_names = read_cifar_split(root, dataset, "train")
-    test_images, test_labels, _ = read_cifar_split(root, dataset, "test")
+    train_images, train_labels, class_names = read_cifar_split(
+        root, dataset, "train", strict=strict
+    )
+    test_images, test_labels, _ = read_cifar_split(root, dataset, "test", strict=strict)
     mean, std = channel_mean_std(train_images)
     return ClassificationData(
         name=dataset,
@@ -274,16 +283,22 @@ def load_synthetic(
 
 def load_data(dataset: str, root: str | None = None, **options: Any) -> ClassificationData:
     """Dispatch on ``data.dataset``: ``"synthetic"`` (options → :func:`load_synthetic`),
-    ``"cifar10"`` or ``"cifar100"`` (pickles under ``root``; no options)."""
+    ``"cifar10"`` or ``"cifar100"`` (pickles under ``root``; option ``strict``)."""
     if dataset == "synthetic":
+        _check_options(dataset, options, inspect.signature(load_synthetic).parameters)
         return load_synthetic(**options)
     if dataset in _CIFAR_LAYOUT:
-        if options:
-            raise ValueError(
-                f"data.options {sorted(options)} are not used by {dataset}; leave it empty"
-            )
-        return load_cifar(root, dataset)
+        _check_options(dataset, options, ("strict",))
+        return load_cifar(root, dataset, **options)
     raise ValueError(f"data.dataset must be one of {list(DATASETS)}, got {dataset!r}")
+
+
+def _check_options(dataset: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"data.options {unknown} are not options of {dataset}; allowed: {sorted(allowed)}"
+        )
 
 
 # --------------------------------------------------------------------------- batches

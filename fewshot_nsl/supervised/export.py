@@ -1,16 +1,18 @@
-"""Export a trained classifier as a self-contained TorchScript file.
+"""Export a trained classifier as a self-contained ``torch.export`` program (``.pt2``).
 
 ``--fold`` replaces every static NSL layer by the ``nn.Conv2d`` carrying its effective kernel
 ``W_eff = Mᵀ W`` (method doc §1), so the exported network *is* a plain CNN: same predictions,
-CNN speed, and loadable with ``torch.jit.load`` alone — without this package.
+CNN speed, and loadable with ``torch.export.load`` alone — without this package.
 
 The exported module takes float images ``(B, C, H, W)`` in [0, 1] and returns logits
 ``(B, num_classes)``: the dataset normalisation is part of the graph. Metadata (classes, input
 shape, mean/std, the run's config) travels inside the file as ``extra_files["meta.json"]``.
 
-Why TorchScript (``torch.jit.trace``): on torch 2.13 CPU it serialises conv/BN/ReLU/pool
-networks into one file that ``torch.jit.load`` reads back with nothing but torch; the
-network has no data-dependent control flow, so tracing is exact.
+Why ``torch.export`` rather than TorchScript: on torch 2.13 ``torch.jit.trace/save/load`` emit
+deprecation warnings pointing to ``torch.export``; an exported program is a graph of ATen ops
+(no Python code of ours inside) with a dynamic batch dimension, which
+``torch.export.load(path).module()`` runs with nothing but torch. The network has no
+data-dependent control flow, so the capture is exact.
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any
 
 
 def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = True) -> Path:
-    """Write the classifier of ``checkpoint`` as TorchScript to ``out`` and return the path.
+    """Write the classifier of ``checkpoint`` as an exported program to ``out``; returns it.
 
     Args:
         checkpoint: a checkpoint written by ``fewshot-nsl train-supervised``.
-        out: the TorchScript file to write (parent folders are created).
+        out: the ``.pt2`` file to write (parent folders are created).
         fold: fold static NSL layers into plain convolutions. Required for a plain-CNN export;
             a network with dynamic NSL layers or ``normalize="sphere"`` cannot be folded and
             raises ``ValueError``.
@@ -97,8 +99,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = True) 
             raise RuntimeError(f"layers left unfolded: {remaining}")
     wrapped = NormalizedClassifier(model, data["mean"], data["std"]).eval()
     example = torch.rand(2, *data["image_shape"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapped, example)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(wrapped, (example,), dynamic_shapes=({0: batch},))
     meta = {
         "format": "fewshot-nsl supervised classifier",
         "input": "float images (B, C, H, W) in [0, 1]; normalisation is inside the graph",
@@ -111,12 +113,17 @@ def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = True) 
     }
     extra_files = {META_FILE: json.dumps(meta)}
     return atomic_write(
-        out, lambda handle: torch.jit.save(traced, handle, _extra_files=extra_files)
+        out, lambda handle: torch.export.save(program, handle, extra_files=extra_files)
     )
 
 
-def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load an exported file with plain ``torch.jit.load``; returns (module, metadata)."""
+def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an exported file with plain ``torch.export.load``; returns (module, metadata).
+
+    The module maps float images ``(B, C, H, W)`` in [0, 1] to logits ``(B, num_classes)``.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
     extra = {META_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return module.eval(), json.loads(extra[META_FILE])
+    program = torch.export.load(str(path), extra_files=extra)
+    return program.module(), json.loads(extra[META_FILE])

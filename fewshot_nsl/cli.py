@@ -1,0 +1,351 @@
+"""The ``fewshot-nsl`` command line (see docs/cli.md).
+
+Commands: ``train`` (meta-train + test, resumable), ``eval`` (score checkpoints on frozen test
+episodes, paired comparison), ``prepare-data`` (build a dataset cache), ``list`` (datasets,
+backbones, learners, configs), plus the supervised commands of :mod:`fewshot_nsl.supervised`.
+
+User errors (a bad config key, missing data, a checkpoint from another config, a bad
+manifest) end the program with exit status 2 and one ``fewshot-nsl: error: ...`` message, no
+traceback; ``FEWSHOT_NSL_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fewshot_nsl.checkpoint import CheckpointMismatch
+from fewshot_nsl.config import ConfigError, dump_config, iter_runs, load_config
+
+from fewshot_nsl.supervised import register_cli as register_supervised_cli
+
+__all__ = ["main", "build_parser", "format_table", "result_rows"]
+
+EXIT_USAGE = 2
+CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs")
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+def result_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Table rows (one per test shot) of a ``results.json`` payload."""
+    rows = []
+    for shot, test in results["test"].items():
+        rows.append(
+            {
+                "method": results["name"],
+                "backbone": results["backbone"],
+                "way": test["way"],
+                "shot": int(shot),
+                "accuracy": f"{100 * test['mean']:.2f} ± {100 * test['ci95']:.2f}",
+                "episodes": test["episodes"],
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts), columns in order, left-aligned."""
+    if not rows:
+        return "(no results)"
+    columns = list(columns or rows[0].keys())
+    header = {column: "accuracy (%) ± 95% CI" if column == "accuracy" else column
+              for column in columns}  # fmt: skip
+    widths = {
+        column: max(len(header[column]), *(len(str(row.get(column, ""))) for row in rows))
+        for column in columns
+    }
+    lines = ["  ".join(header[c].ljust(widths[c]) for c in columns)]
+    lines.append("  ".join("-" * widths[c] for c in columns))
+    for row in rows:
+        lines.append("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    return "\n".join(lines)
+
+
+# -- train -------------------------------------------------------------------------------
+
+
+def _completed(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The results of a run directory that already finished ``steps`` steps, else None."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("steps") == steps else None
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from fewshot_nsl.distributed import broadcast_object, build_trainer, init_distributed, shutdown
+    from fewshot_nsl.runner import run_dir_for
+
+    if args.config is None and args.resume is None:
+        raise ConfigError("train needs --config FILE (or --resume DIR of an earlier run)")
+    resume_dir = Path(args.resume) if args.resume else None
+    if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {resume_dir}: no config.yaml, not a run directory")
+    config_path = Path(args.config) if args.config else resume_dir / "config.yaml"
+    config = load_config(config_path, args.overrides)
+    root = Path(args.out) if args.out else resume_dir or run_dir_for(config)
+    multi = bool(config.get("runs"))
+    if multi:
+        for name, run in config["runs"].items():
+            run["train"]["out_dir"] = str(root / name)
+    config["train"]["out_dir"] = str(root)
+
+    # Under torchrun: join the process group (docs/distributed.md); alone: no process group.
+    context = init_distributed(config["train"]["device"])
+    if context.is_main:  # one copy of the output and of the files: rank 0's
+        print(f"# resolved config ({config_path})")
+        print(dump_config(config), end="", flush=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if multi:
+            dump_config(config, root / "config.yaml")
+
+    started = time.perf_counter()
+    all_results = []
+    for name, run in iter_runs(config):
+        out_dir = Path(run["train"]["out_dir"])
+        done = _completed(out_dir, run["train"]["steps"]) if resume_dir is not None else None
+        done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
+        if done is not None:
+            if context.is_main:
+                print(f"[{name}] already finished in {out_dir}; reusing its results",
+                      file=sys.stderr)  # fmt: skip
+            all_results.append(done)
+            continue
+        trainer = build_trainer(run, out_dir, context, quiet=args.quiet)
+        all_results.append(trainer.fit(resume=resume_dir is not None))
+    wall_time = time.perf_counter() - started
+    shutdown(context)
+    if not context.is_main:
+        return 0
+
+    rows = [row for results in all_results for row in result_rows(results)]
+    print()
+    print(format_table(rows))
+    print(f"\nwall time {wall_time:.0f} s; run directory {root}")
+    if multi:
+        summary = {"config": str(config_path), "wall_time_s": round(wall_time, 1), "rows": rows,
+                   "runs": {r["name"]: str(root / r["name"]) for r in all_results}}
+        (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+# -- eval --------------------------------------------------------------------------------
+
+
+def _loaded_learner(path: Path, device: Any) -> tuple[Any, dict[str, Any], Any]:
+    """(learner with the checkpoint's weights, its config, its test split)."""
+    from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
+    from fewshot_nsl.runner import build_model, load_split
+
+    checkpoint = load_checkpoint(path, map_location=device)
+    config = checkpoint["config"]
+    split = load_split(config, "test")
+    saved = checkpoint["data"].get("test")
+    if saved is not None and saved != split.fingerprint:
+        raise CheckpointMismatch(
+            f"{path}: its test data fingerprint {saved} differs from {split.fingerprint} "
+            f"of the data at data.root={config['data']['root']}"
+        )
+    learner = build_model(config, in_channels=split.image_shape[0]).to(device)
+    load_model_state(learner, checkpoint["model"], str(path))
+    return learner, config, split
+
+
+def _comparable(config_a: Mapping[str, Any], config_b: Mapping[str, Any], split_a: Any,
+                split_b: Any, path_b: Path) -> None:  # fmt: skip
+    """Two checkpoints can be scored on the same episodes only on the same data and way."""
+    problems = []
+    if split_a.fingerprint != split_b.fingerprint:
+        problems.append(f"test data {split_a.fingerprint} vs {split_b.fingerprint}")
+    if config_a["episodes"]["way"] != config_b["episodes"]["way"]:
+        problems.append(f"way {config_a['episodes']['way']} vs {config_b['episodes']['way']}")
+    if problems:
+        raise CheckpointMismatch(
+            f"--compare {path_b}: cannot score both on the same episodes: " + "; ".join(problems)
+        )
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from fewshot_nsl.runner import EvalResult, evaluate_shots, resolve_device
+    from fewshot_nsl.stats import paired_difference
+
+    device = resolve_device(args.device)
+    path = Path(args.checkpoint)
+    learner, config, split = _loaded_learner(path, device)
+    episodes = config["episodes"]
+    shots = args.shots or episodes["test_shots"]
+    num_episodes = args.episodes or episodes["test_episodes"]
+    manifest = args.manifest
+    if manifest and len(shots) > 1 and "{shot}" not in manifest:
+        raise ConfigError(
+            f"--manifest {manifest}: one manifest holds one shot setting; give a single --shots "
+            "value or a path with '{shot}' in it"
+        )
+    show = not args.quiet and sys.stderr.isatty()
+    evaluate = {"shots": shots, "num_episodes": num_episodes, "device": device,
+                "manifest": manifest, "show_progress": show}  # fmt: skip
+    results_a = evaluate_shots(learner, config, split, **evaluate)
+    models: list[tuple[str, dict[str, Any], dict[int, EvalResult]]] = [
+        (str(config["name"]), config, results_a)
+    ]
+    if args.compare:
+        path_b = Path(args.compare)
+        learner_b, config_b, split_b = _loaded_learner(path_b, device)
+        _comparable(config, config_b, split, split_b, path_b)
+        # Scored with A's config: the same episodes (seed, query, manifest) for both.
+        results_b = evaluate_shots(learner_b, config, split, **evaluate)
+        name_b = str(config_b["name"])
+        if name_b == models[0][0]:
+            name_b += f" ({path_b})"
+        models.append((name_b, config_b, results_b))
+
+    rows, payload = [], {"checkpoint": str(path), "models": {}, "paired": {}}
+    for name, model_config, results in models:
+        payload["models"][name] = {
+            "config": model_config,
+            "test": {str(shot): result.as_dict() for shot, result in results.items()},
+        }
+        for shot, result in results.items():
+            summary = result.summary
+            rows.append({"method": name, "backbone": model_config["model"]["backbone"],
+                         "way": result.way, "shot": shot,
+                         "accuracy": summary.format(), "episodes": summary.n})  # fmt: skip
+    print(format_table(rows))
+    if args.compare:
+        (name_a, _, res_a), (name_b, _, res_b) = models
+        print(f"\npaired difference on the same episodes ({name_a} − {name_b}):")
+        for shot in shots:
+            difference = paired_difference(res_a[shot].accuracies, res_b[shot].accuracies)
+            payload["paired"][str(shot)] = {"a": name_a, "b": name_b, **difference.as_dict()}
+            print(f"  {shot}-shot: {difference.format()} points over {difference.n} episodes")
+    out = Path(args.json) if args.json else path.with_name(f"eval_{path.stem}.json")
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+# -- prepare-data, list ------------------------------------------------------------------
+
+
+def command_prepare_data(args: argparse.Namespace) -> int:
+    from episodes import prepare_dataset
+
+    out = prepare_dataset(
+        args.dataset, args.source, args.out, strict=not args.no_strict, overwrite=args.overwrite
+    )
+    print(f"wrote {args.dataset} cache to {out}; train with data.dataset={args.dataset} "
+          f"data.root={out}")  # fmt: skip
+    return 0
+
+
+def shipped_configs() -> list[Path]:
+    """YAML configs in ./configs and in the source checkout's configs/ (deduplicated)."""
+    seen: dict[Path, None] = {}
+    for folder in CONFIG_DIRS:
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*.yaml")):
+                seen.setdefault(path.resolve(), None)
+    return list(seen)
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from episodes import list_datasets
+
+    from fewshot_nsl.backbones import list_backbones
+    from fewshot_nsl.learners import list_learners
+
+    listings = {
+        "datasets": list_datasets,
+        "backbones": list_backbones,
+        "learners": list_learners,
+        "configs": lambda: [os.path.relpath(path) for path in shipped_configs()],
+    }
+    for what in [args.what] if args.what else listings:
+        print(f"{what}:")
+        for item in listings[what]():
+            print(f"  {item}")
+    return 0
+
+
+# -- parser and entry point --------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fewshot-nsl`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fewshot-nsl", description="Few-shot learning with neural similarity learning."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="meta-train, validate and test from a config")
+    train.add_argument("--config", help="YAML config (see configs/ and docs/cli.md)")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="dotted overrides, values parsed as YAML (train.steps=100)")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR from its last.pt (exact on CPU)")
+    train.add_argument("--out", metavar="DIR", help="run directory (default train.out_dir or "
+                       "runs/NAME)")  # fmt: skip
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("eval", help="test a checkpoint (mean ± 95%% CI)")
+    evaluate.add_argument("--checkpoint", required=True, help="best.pt / last.pt of a run")
+    evaluate.add_argument("--shots", type=int, nargs="+", help="shot settings (default: the "
+                          "config's episodes.test_shots)")  # fmt: skip
+    evaluate.add_argument("--episodes", type=int, help="test episodes per shot (default: the "
+                          "config's episodes.test_episodes)")  # fmt: skip
+    evaluate.add_argument("--manifest", help="frozen episodes to replay ('{shot}' is replaced)")
+    evaluate.add_argument("--compare", metavar="OTHER", help="a second checkpoint scored on the "
+                          "same episodes; reports the paired difference ± CI")  # fmt: skip
+    evaluate.add_argument("--json", help="where to write the results (default: "
+                          "eval_<checkpoint>.json next to the checkpoint)")  # fmt: skip
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=command_eval)
+
+    prepare = commands.add_parser("prepare-data", help="convert a dataset into a cache folder")
+    prepare.add_argument("--dataset", required=True, help="e.g. mini-imagenet, omniglot")
+    prepare.add_argument("--source", required=True, help="the downloaded dataset files")
+    prepare.add_argument("--out", required=True, help="cache folder to create")
+    prepare.add_argument("--no-strict", action="store_true",
+                         help="accept a subset (skip the published split-size checks)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prepare.set_defaults(handler=command_prepare_data)
+
+    listing = commands.add_parser("list", help="datasets, backbones, learners, configs")
+    listing.add_argument("what", nargs="?",
+                         choices=("datasets", "backbones", "learners", "configs"))
+    listing.set_defaults(handler=command_list)
+
+    register_supervised_cli(commands)  # train-supervised, export (CIFAR experiments)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fewshot-nsl``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("\nfewshot-nsl: interrupted (resume with: fewshot-nsl train --resume RUN_DIR)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError,
+            ValueError) as error:  # fmt: skip
+        if os.environ.get("FEWSHOT_NSL_DEBUG"):
+            raise
+        print(f"fewshot-nsl: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
