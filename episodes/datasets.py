@@ -587,6 +587,15 @@ class _DatasetEntry:
     loader: Loader | None  # None: generated, no files (synthetic)
     checker: Checker | None  # the published sizes, enforced when strict
     description: str
+    options: frozenset[str] = frozenset({"strict"})  # what the loader reads
+
+    def check_options(self, name: str, options: dict) -> None:
+        unknown = sorted(set(options) - self.options)
+        if unknown:
+            raise ValueError(
+                f"dataset {name!r} does not take option(s) {unknown}; it takes "
+                f"{sorted(self.options)}"
+            )
 
 
 def _synthetic_split(split: str, options: dict) -> ImageSplit:
@@ -601,11 +610,19 @@ _REGISTRY: dict[str, _DatasetEntry] = {
         _load_mini_imagenet, _check_mini_imagenet, "Ravi & Larochelle split, 64/16/20 × 600, 84×84"
     ),
     "omniglot": _DatasetEntry(
-        _load_omniglot, _check_omniglot, "1028/172/423 characters ×4 rotations, 28×28"
+        _load_omniglot,
+        _check_omniglot,
+        "1028/172/423 characters ×4 rotations, 28×28",
+        frozenset({"strict", "image_size", "rotations"}),
     ),
     "cifar-fs": _DatasetEntry(_load_cifar_fs, _check_cifar, "CIFAR-100, 64/16/20 classes, 32×32"),
     "fc100": _DatasetEntry(_load_fc100, _check_cifar, "CIFAR-100 by superclass, 60/20/20, 32×32"),
-    "imagefolder": _DatasetEntry(_load_imagefolder, None, "one folder per class + splits.json"),
+    "imagefolder": _DatasetEntry(
+        _load_imagefolder,
+        None,
+        "one folder per class + splits.json",
+        frozenset({"strict", "split_file", "image_size", "channels"}),
+    ),
 }
 
 
@@ -644,11 +661,17 @@ def build_split(
         )
     root = Path(root)
     if (root / "index.json").is_file():
-        return load_cache(root, split, mmap=options.get("mmap", True), expect_dataset=name)
+        mmap = options.pop("mmap", True)
+        if options:
+            raise ValueError(
+                f"{root} is a prepared cache: options {sorted(options)} apply when preparing "
+                "it (prepare_dataset), only mmap= applies when reading it"
+            )
+        return load_cache(root, split, mmap=mmap, expect_dataset=name)
     if not root.exists():
         raise FileNotFoundError(f"dataset root not found: {root}")
     options = {"strict": False, **options}
-    options.pop("mmap", None)
+    entry.check_options(name, options)
     raw = entry.loader(root, split, options).canonical()
     train = raw if split == "train" else entry.loader(root, "train", options)
     mean, std = channel_mean_std(train.images)
@@ -737,13 +760,14 @@ def prepare_dataset(
     entry = _entry(name)
     if entry.loader is None:
         raise ValueError(f"dataset {name!r} is generated on the fly; there is nothing to prepare")
+    options = {"strict": strict, **options}
+    entry.check_options(name, options)
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"{name} source not found: {source}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    options = {"strict": strict, **options}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         splits = {split: entry.loader(source, split, options).canonical() for split in SPLITS}

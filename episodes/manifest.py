@@ -195,7 +195,7 @@ class ManifestEpisodes(EpisodeSource):
     def episode(self, index: int) -> Episode:
         classes, support, query_rows, shot, torch_seed = self.indices(index)
         return self._materialise(
-            index, classes, support, query_rows, shot, int(self._queries[index]), torch_seed
+            classes, support, query_rows, shot, int(self._queries[index]), torch_seed
         )
 
 

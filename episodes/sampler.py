@@ -86,7 +86,6 @@ class EpisodeSource(Dataset):
 
     def _materialise(
         self,
-        index: int,
         classes: np.ndarray,
         support_rows: np.ndarray,
         query_rows: np.ndarray,
@@ -110,9 +109,10 @@ class EpisodeSource(Dataset):
             support_y=labels.repeat_interleave(shot),
             query_x=images[num_support:],
             query_y=labels.repeat_interleave(query),
-            classes=torch.from_numpy(np.asarray(classes, dtype=np.int64)),
-            support_indices=torch.from_numpy(np.asarray(support_rows, dtype=np.int64)),
-            query_indices=torch.from_numpy(np.asarray(query_rows, dtype=np.int64)),
+            # Copies: the episode never aliases a manifest's stored arrays.
+            classes=torch.tensor(classes, dtype=torch.int64),
+            support_indices=torch.tensor(support_rows, dtype=torch.int64),
+            query_indices=torch.tensor(query_rows, dtype=torch.int64),
             way=way,
             shot=shot,
             query=query,
@@ -245,9 +245,7 @@ class EpisodeSampler(EpisodeSource):
     def episode(self, index: int) -> Episode:
         """Episode ``index`` (support/query images, labels, class ids and row indices)."""
         classes, support_rows, query_rows, shot, torch_seed = self.indices(index)
-        return self._materialise(
-            index, classes, support_rows, query_rows, shot, self.query, torch_seed
-        )
+        return self._materialise(classes, support_rows, query_rows, shot, self.query, torch_seed)
 
     def __repr__(self) -> str:
         return (

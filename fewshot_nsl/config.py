@@ -109,7 +109,7 @@ def _check_conv(conv: dict[str, Any]) -> dict[str, Any]:
 def _check_learner(learner: dict[str, Any]) -> dict[str, Any]:
     """Name among the registered learners; options among its keyword arguments, typed like
     their defaults. Returns the section with every option filled in (an explicit record)."""
-    from fewshot_nsl.learners import learner_options, list_learners
+    from fewshot_nsl.learners import BN_POLICIES, learner_options, list_learners
 
     name = learner.get("name")
     if name not in list_learners():
@@ -128,6 +128,8 @@ def _check_learner(learner: dict[str, Any]) -> dict[str, Any]:
     for key, default in allowed.items():
         if key not in resolved:
             resolved[key] = list(default) if isinstance(default, tuple) else default
+    if "bn" in resolved and resolved["bn"] not in BN_POLICIES:  # the inner-loop BN policy
+        raise ConfigError(f"learner.bn: got {resolved['bn']!r}; allowed: {list(BN_POLICIES)}")
     return resolved
 
 

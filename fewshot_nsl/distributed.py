@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -390,7 +390,7 @@ class DistributedMetaTrainer(MetaTrainer):
         *,
         context: DistributedContext,
         quiet: bool = False,
-        log: Any = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(
             config, out_dir, rank=context.rank, world_size=context.world_size, quiet=quiet,
@@ -407,8 +407,12 @@ class DistributedMetaTrainer(MetaTrainer):
         self.buffer_sync: BufferSync | None = None
 
     def setup(self, resume: bool = False) -> None:
-        """:meth:`MetaTrainer.setup`, then every rank takes rank 0's state."""
-        super().setup(resume=resume)
+        """:meth:`MetaTrainer.setup`, then every rank takes rank 0's state.
+
+        Only rank 0 reads ``last.pt`` when resuming: the others may run on nodes that cannot
+        see rank 0's run directory (or see a stale copy of it).
+        """
+        super().setup(resume=resume and self.is_main)
         assert self.learner is not None
         state = broadcast_object(
             _to_cpu(

@@ -48,8 +48,7 @@ def write_mini_imagenet_layouts(root: Path, seed: int = 0) -> dict[str, Path]:
     canonical cache. Rows/classes are deliberately stored in different orders per layout.
     Returns ``{"csv": ..., "pickle": ..., "hdf5": ...}`` folders.
     """
-    import h5py
-
+    h5py = pytest.importorskip("h5py")  # the optional extra "hdf5"
     rng = np.random.default_rng(seed)
     folders = {name: root / name for name in ("csv", "pickle", "hdf5")}
     for folder in folders.values():

@@ -11,6 +11,8 @@ collective primitives on rank-dependent inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import socket
@@ -24,7 +26,8 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_nsl.config import resolve_config
+from fewshot_nsl.cli import main as cli_main
+from fewshot_nsl.config import dump_config, resolve_config
 from fewshot_nsl.distributed import (
     BufferSync,
     DistributedContext,
@@ -192,6 +195,13 @@ def _worker(work: Path) -> None:
     trainer.setup()
     trainer.train()
     out["U_trained"] = model_state(trainer)
+
+    # C: the command line in the same process group (last: it shuts the group down).
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        out["C_status"] = cli_main(["train", "--config", str(work / "cli.yaml"),
+                                    "--out", str(work / "C"), "--quiet"])  # fmt: skip
+    out["C_stdout"] = captured.getvalue()
     torch.save(out, work / f"rank{context.rank}.pt")
     shutdown(context)
 
@@ -300,6 +310,7 @@ def _single_process_reference(work: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     reference = _single_process_reference(tmp_path)
+    dump_config(tiny_config(steps=2), tmp_path / "cli.yaml")
     port = _free_port()
     environ = {key: value for key, value in os.environ.items()
                if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}  # fmt: skip
@@ -367,6 +378,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     for record, (loss, accuracy) in zip(logged, reference["metrics"]):
         assert record["loss"] == pytest.approx(loss, abs=ATOL)
         assert record["accuracy"] == pytest.approx(accuracy, abs=ATOL)
+
+    # `fewshot-nsl train` under torchrun: one copy of the output and of every file.
+    assert ranks[0]["C_status"] == ranks[1]["C_status"] == 0
+    assert ranks[1]["C_stdout"] == "" and ranks[0]["C_stdout"].count("accuracy (%)") == 1
+    results = json.loads((tmp_path / "C" / "results.json").read_text())
+    assert results["steps"] == 2 and results["test"]["1"]["episodes"] == 7
+    records = [json.loads(line) for line in (tmp_path / "C" / "metrics.jsonl").open()]
+    assert [(r["event"], r["step"]) for r in records] == [
+        ("train", 1), ("train", 2), ("val", 2), ("test", 2)
+    ]
 
     # Resume 2 → 1 rank: the 2-rank checkpoint at step 3, then 2 single steps == 5 steps.
     resumed = MetaTrainer(tiny_config(steps=5), tmp_path / "A", quiet=True)

@@ -528,7 +528,7 @@ def test_meta_training_on_synthetic_episodes_beats_chance(name: str, synthetic_s
     )
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
     episodes = EpisodeSampler(train, way=5, shot=1, query=5, seed=0)
-    for step in range(24):
+    for step in range(20):
         loss, _ = learner.meta_loss(episodes[step])
         optimizer.zero_grad()
         loss.backward()
@@ -536,5 +536,6 @@ def test_meta_training_on_synthetic_episodes_beats_chance(name: str, synthetic_s
     learner.eval()
     evaluation = EpisodeSampler(test, way=5, shot=1, query=5, seed=1)
     with torch.no_grad():
-        accuracy = sum(learner.meta_loss(evaluation[i])[1].item() for i in range(20)) / 20
+        accuracy = sum(learner.meta_loss(evaluation[i])[1].item() for i in range(16)) / 16
+    print(f"{name}: accuracy {accuracy:.3f}")
     assert accuracy > 0.35, f"{name}: {accuracy:.3f} on unseen classes (chance 0.2)"

@@ -27,7 +27,6 @@ from fewshot_nsl.supervised import (
     load_synthetic,
     load_trained_model,
     read_cifar_split,
-    register_cli,
     run_supervised,
 )
 from fewshot_nsl.supervised.data import TrainBatches
@@ -402,11 +401,9 @@ def test_folded_export_predicts_identically_without_the_package(tmp_path, glyphs
 
 
 @pytest.mark.slow
-def test_export_refuses_to_fold_a_dynamic_network_and_cli_runs(tmp_path, glyphs, capsys):
-    import argparse
+def test_cli_trains_and_refuses_to_fold_a_dynamic_network(tmp_path, capsys):
+    from fewshot_nsl.cli import main
 
-    parser = argparse.ArgumentParser(prog="fewshot-nsl")
-    register_cli(parser.add_subparsers(dest="command"))
     config_path = tmp_path / "dyn.yaml"
     config_path.write_text(
         "data: {dataset: synthetic, augment: false, options: {num_classes: 3, "
@@ -414,35 +411,23 @@ def test_export_refuses_to_fold_a_dynamic_network_and_cli_runs(tmp_path, glyphs,
         f"model: {{backbone: cnn9, backbone_options: {json.dumps(TINY_BACKBONE)}, "
         "conv: {kind: dynamic, similarity: diagonal, granularity: sample, hidden: 4}}\n"
     )
-    args = parser.parse_args(
-        [
-            "train-supervised",
-            "--config",
-            str(config_path),
-            "--out",
-            str(tmp_path / "run"),
-            "--quiet",
-            "train.iterations=2",
-            "train.batch_size=8",
-            "train.device=cpu",
-            "eval.speed_rounds=1",
-            "eval.speed_repeats=1",
-            "eval.speed_batch_size=4",
-        ]
-    )
-    assert args.handler(args) == 0
-    assert "test error" in capsys.readouterr().out
-    args = parser.parse_args(
-        [
-            "export",
-            "--checkpoint",
-            str(tmp_path / "run" / "last.pt"),
-            "--out",
-            str(tmp_path / "m.pt"),
-            "--fold",
-        ]
-    )
-    with pytest.raises(ValueError, match="dynamic NSL layers.*without --fold"):
-        args.handler(args)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        export_model(tmp_path / "missing.pt", tmp_path / "m.pt")
+    status = main([
+        "train-supervised", "--config", str(config_path), "--out", str(tmp_path / "run"),
+        "--quiet", "train.iterations=2", "train.batch_size=8", "train.device=cpu",
+        "eval.speed_rounds=1", "eval.speed_repeats=1", "eval.speed_batch_size=4",
+    ])
+    assert status == 0 and "test error" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["iterations"] == 2
+    status = main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                   "--out", str(tmp_path / "m.pt2"), "--fold"])
+    assert status == 2
+    assert "dynamic NSL layers" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
+    # Without --fold the dynamic network exports as it is.
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                 "--out", str(tmp_path / "m.pt2")]) == 0
+    exported, meta = load_exported(tmp_path / "m.pt2")
+    assert exported(torch.rand(2, 3, 16, 16)).shape == (2, 3) and not meta["folded"]
+    status = main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", "x.pt2"])
+    assert status == 2 and "does not exist" in capsys.readouterr().err
+    status = main(["train-supervised", "--config", str(config_path), "train.iteratons=3"])
+    assert status == 2 and "train.iteratons" in capsys.readouterr().err

@@ -206,13 +206,17 @@ class MAML(Learner):
 
     def _inner_step(
         self,
+        base: dict[str, torch.Tensor],
         support_x: torch.Tensor,
         support_y: torch.Tensor,
         create_graph: bool,
         *fast: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        """One SGD step on the support loss: returns the new fast weights (same order)."""
-        params = dict(self.model.named_parameters())
+        """One SGD step on the support loss: the new fast weights (order of ``adapted_names``).
+
+        ``base`` holds every parameter; the adapted ones are replaced by ``fast``.
+        """
+        params = dict(base)
         params.update(zip(self.adapted_names, fast))
         loss = F.cross_entropy(self._forward(params, support_x, update_stats=False), support_y)
         grads = torch.autograd.grad(loss, fast, create_graph=create_graph, allow_unused=True)
@@ -239,8 +243,10 @@ class MAML(Learner):
         meta_graph = torch.is_grad_enabled()
         create_graph = meta_graph and self.training and not self.first_order
         params = dict(self.model.named_parameters())
-        fast: tuple[torch.Tensor, ...] = tuple(params[name] for name in self.adapted_names)
         meter = self._memory_meter(params)
+        if not meta_graph:  # evaluation: nothing may record a graph to the meta-parameters
+            params = {name: p.detach() for name, p in params.items()}
+        fast: tuple[torch.Tensor, ...] = tuple(params[name] for name in self.adapted_names)
         with torch.enable_grad(), meter or contextlib.nullcontext():
             if meter is not None:
                 self.memory_profile = [meter.record(0)]
@@ -249,11 +255,11 @@ class MAML(Learner):
                     fast = tuple(w.detach().requires_grad_() for w in fast)
                 if self.checkpoint_inner and meta_graph:
                     fast = checkpoint(
-                        self._inner_step, support_x, support_y, create_graph, *fast,
+                        self._inner_step, params, support_x, support_y, create_graph, *fast,
                         use_reentrant=False,
                     )
                 else:
-                    fast = self._inner_step(support_x, support_y, create_graph, *fast)
+                    fast = self._inner_step(params, support_x, support_y, create_graph, *fast)
                 if meter is not None:
                     self.memory_profile.append(meter.record(step))
         if not meta_graph:

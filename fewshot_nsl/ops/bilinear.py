@@ -6,17 +6,15 @@ and a similarity ``M``, the op computes
 
     y[b, o, p] = sum_c sum_{k, k'} W[o, c, k] * M_{k, k'} * x[b, c, p + k'] (+ bias[o])
 
-where ``M`` is selected by ``granularity``:
+where ``M`` is selected by ``granularity`` (full form / ``diagonal=True`` form):
 
-=============  ==========================  =============================
-granularity    full form (``diagonal=False``)  diagonal form (``diagonal=True``)
-=============  ==========================  =============================
-``shared``     ``(HV, HV)``                 ``(HV,)``
-``channel``    ``(C, HV, HV)``              ``(C, HV)``
-``sample``     ``(B, HV, HV)``              ``(B, HV)``
-``location``   ``(B, H_out, W_out, HV, HV)``  ``(B, H_out, W_out, HV)``
-=============  ==========================  =============================
+* ``"shared"``:   ``(HV, HV)`` / ``(HV,)``: one block for every channel, sample and location;
+* ``"channel"``:  ``(C, HV, HV)`` / ``(C, HV)``: one block per input channel ("disjoint");
+* ``"sample"``:   ``(B, HV, HV)`` / ``(B, HV)``: one block per image;
+* ``"location"``: ``(B, H_out, W_out, HV, HV)`` / ``(B, H_out, W_out, HV)``: per image and
+  output location (dynamic NSL).
 
+The granularity is explicit because shapes alone are ambiguous (e.g. ``C == B``).
 A diagonal ``M`` is the full form with those numbers on the diagonal. ``M=None`` is the
 identity (a plain convolution).
 
@@ -142,7 +140,7 @@ def expected_m_shape(
     taps: int,
     out_hw: tuple[int, int],
 ) -> tuple[int, ...]:
-    """The shape ``M`` must have for this granularity/form (see the module table)."""
+    """The shape ``M`` must have for this granularity/form (see the module docstring)."""
     lead = {
         "shared": (),
         "channel": (channels,),
@@ -415,12 +413,12 @@ def bilinear_conv2d(
     granularity: str = "shared",
     diagonal: bool = False,
 ) -> Tensor:
-    """Bilinear convolution ``y = W^T M x (+ bias)`` per output location (module docstring).
+    """Bilinear convolution ``y = W^T M x (+ bias)`` at every output location.
 
     Args:
         x: ``(B, C, H, W)``.
         weight: ``(O, C, kh, kw)``; taps ordered row-major (``HV = kh * kw``).
-        M: the similarity, shape by ``granularity``/``diagonal`` (module table); ``None`` is
+        M: the similarity, shaped by ``granularity``/``diagonal`` (module docstring); ``None`` is
             the identity (a plain convolution).
         bias: ``(O,)`` or ``None``.
         stride, padding, dilation: as :func:`torch.nn.functional.conv2d` (int or pair;

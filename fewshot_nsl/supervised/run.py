@@ -52,9 +52,11 @@ def run_dir_for(config: Mapping[str, Any]) -> Path:
     return Path(config["train"]["out_dir"] or Path("runs") / "supervised" / name)
 
 
-def _save(trainer: SupervisedTrainer, run_dir: RunDir) -> None:
-    save_checkpoint(
-        run_dir.file(CHECKPOINT),
+def save_trainer_checkpoint(trainer: SupervisedTrainer, path: str | Path) -> Path:
+    """Write the trainer's state as a :mod:`fewshot_nsl.checkpoint` file (what ``export``
+    and ``--resume`` read)."""
+    return save_checkpoint(
+        path,
         model=trainer.model,
         optimizer=trainer.optimizer,
         scheduler=None,  # the learning rate is a function of the iteration (see _set_lr)
@@ -127,9 +129,9 @@ def run_supervised(
     trainer.train(
         progress=progress and sys.stderr.isatty(),
         on_log=on_log,
-        on_checkpoint=lambda t: _save(t, run_dir),
+        on_checkpoint=lambda t: save_trainer_checkpoint(t, checkpoint),
     )
-    _save(trainer, run_dir)
+    save_trainer_checkpoint(trainer, checkpoint)
     results = trainer.summary()
     results["run_dir"] = str(run_dir.path)
     results["name"] = trainer.config.get("name")

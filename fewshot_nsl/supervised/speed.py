@@ -42,8 +42,9 @@ def compare_throughput(
 ) -> dict[str, dict[str, float]]:
     """Inference images/s of several models on random images ``(batch_size, *image_shape)``.
 
-    Models are put in eval mode and timed under ``torch.inference_mode`` in interleaved rounds
-    (one warm-up pass each first). Within a round each model's time is the minimum of
+    Models are timed as given (put them in eval mode first; a ``torch.export`` module cannot
+    be switched) under ``torch.inference_mode``, in interleaved rounds after one warm-up pass
+    each. Within a round each model's time is the minimum of
     ``repeats`` passes.
 
     Returns:
@@ -62,9 +63,6 @@ def compare_throughput(
         )
     images = torch.randn(batch_size, *image_shape, generator=torch.Generator().manual_seed(0))
     images = images.to(device)
-    for model in models.values():
-        if isinstance(model, nn.Module):
-            model.eval()
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():

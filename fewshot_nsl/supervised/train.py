@@ -296,7 +296,7 @@ class SupervisedTrainer:
             "data_fingerprint": self.data.fingerprint,
         }
         summary["train_time_s"] = self.train_time_s
-        models: dict[str, nn.Module] = {"model": self.model}
+        models: dict[str, nn.Module] = {"model": self.model.eval()}
         if config["model"]["conv"].get("kind") == "static":
             folded = fold_model(copy.deepcopy(self.model)).eval()
             folded_result = evaluate(

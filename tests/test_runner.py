@@ -1,0 +1,295 @@
+"""Runner: statistics, schedules, atomic checkpoints, exact resume, the distributed seams."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fewshot_nsl.checkpoint import (
+    CheckpointMismatch,
+    capture_rng_state,
+    load_checkpoint,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from fewshot_nsl.config import ConfigError, resolve_config
+from fewshot_nsl.runlog import RunDir
+from fewshot_nsl.runner import (
+    DatasetNotFound,
+    LRFactor,
+    MetaTrainer,
+    evaluate_episodes,
+    load_split,
+)
+from fewshot_nsl.stats import Z95, mean_ci, paired_difference
+
+#: A run small enough for the unit tests: 16×16 glyphs, Conv-4 with 4 filters, 1 inner step.
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "data": {
+        "dataset": "synthetic",
+        "options": {"image_size": 16, "images_per_class": 8,
+                    "num_classes": {"train": 10, "val": 6, "test": 6}},
+    },
+    "episodes": {"way": 3, "shot": 1, "query": 2, "tasks_per_batch": 2, "val_episodes": 4,
+                 "test_episodes": 5, "test_shots": [1, 5], "test_query": 2},
+    "model": {"backbone_options": {"filters": 4, "image_size": 16}},
+    "learner": {"name": "maml", "inner_steps": 1, "inner_steps_eval": 2, "inner_lr": 0.1},
+    "train": {"steps": 6, "val_every": 3, "checkpoint_every": 3, "log_every": 2, "lr": 0.01,
+              "device": "cpu"},
+}  # fmt: skip
+
+
+def tiny_config(*overrides: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    payload = {key: dict(value) if isinstance(value, dict) else value
+               for key, value in TINY.items()}  # fmt: skip
+    for key, value in sections.items():
+        payload[key] = {**payload.get(key, {}), **value}
+    return resolve_config(payload, list(overrides))
+
+
+# -- statistics --------------------------------------------------------------------------
+
+
+def test_mean_ci_matches_a_naive_float64_computation() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 1, size=37)
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    result = mean_ci(values)
+    assert result.mean == pytest.approx(mean, abs=1e-12)
+    assert result.std == pytest.approx(math.sqrt(variance), abs=1e-12)
+    assert result.ci95 == pytest.approx(1.96 * math.sqrt(variance) / math.sqrt(37), abs=1e-12)
+    assert result.n == 37 and Z95 == 1.96
+    assert result.format() == f"{100 * mean:.2f} ± {100 * result.ci95:.2f}"
+    assert math.isnan(mean_ci([0.5]).ci95)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        mean_ci([])
+
+
+def test_paired_difference_is_the_ci_of_the_differences() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.4, 0.9, size=50)
+    b = a - 0.02 + rng.normal(0, 0.01, size=50)  # b tracks a closely: pairing matters
+    paired = paired_difference(a, b)
+    assert paired.mean == pytest.approx(np.mean(a - b))
+    assert paired.ci95 == pytest.approx(1.96 * np.std(a - b, ddof=1) / math.sqrt(50))
+    # The paired interval is far tighter than the unpaired intervals would suggest.
+    assert paired.ci95 < 0.2 * (mean_ci(a).ci95 + mean_ci(b).ci95)
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_difference(a, b[:-1])
+
+
+# -- schedules, RNG, checkpoints -----------------------------------------------------------
+
+
+def test_lr_factors() -> None:
+    assert LRFactor("constant", 100)(57) == 1.0
+    cosine = LRFactor("cosine", 100)
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0)
+    step = LRFactor("step", 100, [10, 20], gamma=0.5)
+    assert [step(s) for s in (0, 9, 10, 19, 20, 99)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_rng_state_round_trip() -> None:
+    state = capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()  # move every generator on
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def _save_small(path: Path, model: torch.nn.Module, step: int) -> Path:
+    optimizer = torch.optim.Adam(model.parameters())
+    return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=None, step=step,
+                           config={"name": "x"}, data={"train": "abc"})  # fmt: skip
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    path = _save_small(tmp_path / "last.pt", model, step=7)
+    payload = load_checkpoint(path)
+    assert payload["step"] == 7 and payload["data"] == {"train": "abc"}
+    assert "torch" in payload["versions"]
+    assert torch.equal(payload["model"]["weight"], model.weight.detach())
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt is unreadable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fewshot-nsl checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_failure_during_save_leaves_the_old_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(3, 2)
+    path = _save_small(tmp_path / "last.pt", model, step=1)
+    before = path.read_bytes()
+
+    def torn_save(obj: Any, handle: Any) -> None:
+        handle.write(b"half a checkpoint")  # bytes reach the temp file, then the "kill"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        _save_small(path, model, step=2)
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
+
+
+def test_architecture_mismatch_says_what_differs() -> None:
+    small, large = torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 4))
+    with pytest.raises(CheckpointMismatch, match=r"architecture mismatch.*missing in checkpoint: "
+                                                 r"0\.bias, 0\.weight.*not in this model: bias"):
+        load_model_state(large, small.state_dict(), "ckpt.pt")
+    with pytest.raises(CheckpointMismatch, match=r"shape .*weight \(2, 3\) vs \(4, 3\)"):
+        load_model_state(torch.nn.Linear(3, 4), small.state_dict(), "ckpt.pt")
+
+
+# -- data errors ---------------------------------------------------------------------------
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path: Path) -> None:
+    config = tiny_config(data={"dataset": "mini-imagenet", "root": str(tmp_path / "nowhere"),
+                               "options": {}})  # fmt: skip
+    with pytest.raises(DatasetNotFound, match=r"fewshot-nsl prepare-data --dataset mini-imagenet"):
+        load_split(config, "train")
+    config = tiny_config(data={"dataset": "mini-imagenet", "root": None, "options": {}})
+    with pytest.raises(DatasetNotFound, match=r"needs data\.root.*prepare-data"):
+        load_split(config, "train")
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def _parameters(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
+    """6 steps in one go vs 3 steps, a fresh process-like restart, 3 more: same bits."""
+    # Augmentation on, so the episode transforms (seeded per episode) are exercised too.
+    quick = ["episodes.test_shots=[1]", "episodes.test_episodes=1", "episodes.val_episodes=2"]
+    config = tiny_config(*quick, data={"augment": True})
+    full = MetaTrainer(config, tmp_path / "full", quiet=True)
+    full.fit()
+
+    part = MetaTrainer(tiny_config("train.steps=3", *quick, data={"augment": True}),
+                       tmp_path / "part", quiet=True)  # fmt: skip
+    part.fit()
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 3
+    torch.manual_seed(1234)  # the restarted process's RNGs are in some other state
+    np.random.seed(99)
+    resumed = MetaTrainer(config, tmp_path / "part", quiet=True)
+    resumed.fit(resume=True)
+
+    a, b = _parameters(tmp_path / "full" / "last.pt"), _parameters(tmp_path / "part" / "last.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    opt_a = load_checkpoint(tmp_path / "full" / "last.pt")["optimizer"]["state"]
+    opt_b = load_checkpoint(tmp_path / "part" / "last.pt")["optimizer"]["state"]
+    for key in opt_a:
+        assert torch.equal(opt_a[key]["exp_avg_sq"], opt_b[key]["exp_avg_sq"])
+    # The metrics log continues where the checkpoint was: no step twice, none lost.
+    steps = [r["step"] for r in RunDir(tmp_path / "part").metrics() if r["event"] == "train"]
+    assert steps == [2, 3, 4, 6]  # 3: the end of the first, 3-step, invocation
+    # Sanity: training changed the weights (the comparison is not trivially true).
+    initial = MetaTrainer(config, tmp_path / "init", quiet=True)
+    initial.setup()
+    start = initial.learner.state_dict()
+    assert any(not torch.equal(start[name], a[name]) for name in a)
+
+
+@pytest.mark.slow
+def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
+    results = MetaTrainer(tiny_config(), tmp_path, quiet=True).fit()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt",
+            "results.json"} <= names  # fmt: skip
+    run = RunDir(tmp_path)
+    meta = run.read_json("meta.json")
+    assert set(meta["data"]) == {"train", "val", "test"} and "torch" in meta["versions"]
+    assert "git_commit" in meta
+    stored = run.read_json("results.json")
+    assert stored["test"].keys() == {"1", "5"}
+    for shot in ("1", "5"):
+        test = stored["test"][shot]
+        assert len(test["accuracies"]) == test["episodes"] == 5
+        assert test["mean"] == pytest.approx(np.mean(test["accuracies"]), abs=1e-6)
+    assert stored["best"]["step"] in (3, 6)
+    assert results["tested"] == "best.pt"
+    events = [r["event"] for r in run.metrics()]
+    assert events.count("val") == 2 and events.count("test") == 2
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == stored["best"]["step"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
+    MetaTrainer(tiny_config("train.steps=1"), tmp_path, quiet=True).fit()
+    other = tiny_config("train.steps=2", "model.backbone_options.filters=8")
+    with pytest.raises(CheckpointMismatch, match=r"model\.backbone_options\.filters: "
+                                                 r"checkpoint 4, config 8"):
+        MetaTrainer(other, tmp_path, quiet=True).fit(resume=True)
+
+
+def test_meta_gradient_is_the_mean_of_the_task_gradients(tmp_path: Path) -> None:
+    """The accumulation the all-reduce seam relies on: Σ_i ∇loss_i / T = ∇ mean loss."""
+    trainer = MetaTrainer(tiny_config("train.lr=0"), tmp_path, quiet=True)
+    trainer.setup()
+    learner = trainer.learner
+    expected = {name: torch.zeros_like(p) for name, p in learner.named_parameters()}
+    tasks = trainer.batcher.batch(0)
+    assert len(tasks) == 2
+    for episode in tasks:
+        learner.zero_grad()
+        loss, _ = learner.meta_loss(episode)
+        loss.backward()
+        for name, p in learner.named_parameters():
+            if p.grad is not None:
+                expected[name] += p.grad / len(tasks)
+    captured = {}
+    trainer.reduce_gradients = lambda: captured.update(  # type: ignore[method-assign]
+        {name: p.grad.clone() for name, p in learner.named_parameters() if p.grad is not None}
+    )
+    trainer.meta_step(0)
+    assert captured.keys() and all(
+        torch.allclose(captured[name], expected[name], atol=1e-6) for name in captured
+    )
+
+
+def test_evaluation_shards_by_episode_index(tmp_path: Path) -> None:
+    """Scoring a subset of indices gives exactly those entries of the full evaluation."""
+    from episodes import EpisodeSampler
+
+    trainer = MetaTrainer(tiny_config(), tmp_path, quiet=True)
+    trainer.setup()
+    sampler = EpisodeSampler(trainer.split("test"), 3, 1, 2, seed=0, num_episodes=6)
+    full = evaluate_episodes(trainer.learner, sampler, range(6), trainer.device)
+    odd = evaluate_episodes(trainer.learner, sampler, [5, 1, 3], trainer.device)
+    assert np.array_equal(odd, full[[5, 1, 3]])
+    assert trainer.learner.training  # mode restored
+    assert set(np.unique(full)) <= {i / 6 for i in range(7)}  # 6 queries per episode
+
+
+def test_bad_learner_options_surface_as_config_errors(tmp_path: Path) -> None:
+    config = tiny_config(learner={"name": "static_nsn"})  # conv.kind is plain in this config
+    config["model"]["conv"] = {"kind": "plain"}
+    with pytest.raises(ConfigError, match=r"learner/model: .*static"):
+        MetaTrainer(config, tmp_path, quiet=True).setup()
