@@ -321,8 +321,15 @@ def _check_mini_imagenet(splits: dict[str, RawSplit]) -> list[str]:
 # --------------------------------------------------------------------------- Omniglot
 
 #: Character counts of the Vinyals et al. (2016) Omniglot split as used by ProtoNets
-#: (train 1028, val 172, test 423 characters; ×4 rotations each).
+#: (train 1028, val 172, test 423 characters; ×4 rotations each). The contiguous ranges
+#: below give the published lists (ProtoNets data/omniglot/splits/vinyals, torchmeta
+#: assets/omniglot) once the 5 validation alphabets of images_background are moved between
+#: train and test (see `_vinyals_order`).
 OMNIGLOT_SPLIT_SIZES = {"train": 1028, "val": 172, "test": 423}
+#: The background alphabets that make up the Vinyals validation split (172 characters).
+OMNIGLOT_VAL_ALPHABETS = frozenset(
+    {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
+)
 OMNIGLOT_IMAGES_PER_CHARACTER = 20
 
 
@@ -369,11 +376,33 @@ def _omniglot_split_ranges(total: int, strict: bool) -> dict[str, range]:
     }
 
 
+def _vinyals_order(
+    characters: list[tuple[str, list[Path]]],
+) -> list[tuple[str, list[Path]]]:
+    """Reorder the full character list so the contiguous split ranges give the Vinyals split.
+
+    The published split is train = the first 1028 non-validation characters (background then
+    evaluation, sorted), val = the 5 validation alphabets, test = the remaining 423.
+    """
+    is_val = [name.split("/", 1)[0] in OMNIGLOT_VAL_ALPHABETS for name, _ in characters]
+    val = [c for c, v in zip(characters, is_val) if v]
+    rest = [c for c, v in zip(characters, is_val) if not v]
+    if len(val) != OMNIGLOT_SPLIT_SIZES["val"]:
+        raise ValueError(
+            f"Omniglot: the validation alphabets {sorted(OMNIGLOT_VAL_ALPHABETS)} hold "
+            f"{len(val)} characters, expected {OMNIGLOT_SPLIT_SIZES['val']}"
+        )
+    n_train = OMNIGLOT_SPLIT_SIZES["train"]
+    return rest[:n_train] + val + rest[n_train:]
+
+
 def _load_omniglot(source: Path, split: str, options: dict) -> RawSplit:
     strict = options.get("strict", True)
     size = int(options.get("image_size", 28))
     rotations = bool(options.get("rotations", True))
     characters = _omniglot_characters(source)
+    if len(characters) == sum(OMNIGLOT_SPLIT_SIZES.values()):
+        characters = _vinyals_order(characters)
     chosen = [characters[i] for i in _omniglot_split_ranges(len(characters), strict)[split]]
     paths = [path for _, files in chosen for path in files]
     images = decode_images(paths, (size, size), "L")
@@ -431,6 +460,7 @@ CIFAR100_SUPERCLASSES: dict[str, tuple[str, ...]] = {
 }
 
 #: FC100 (Oreshkin et al., 2018): split by superclass, 12/4/4 superclasses = 60/20/20 classes.
+#: All three lists checked against torchmeta's datasets/assets/cifar100/fc100/*.json.
 FC100_SUPERCLASS_SPLITS: dict[str, tuple[str, ...]] = {
     "train": (
         "fish", "flowers", "food_containers", "fruit_and_vegetables",
@@ -455,7 +485,8 @@ _CIFAR_FS_TEST = (
 )  # fmt: skip
 _ALL_CIFAR100 = sorted(name for names in CIFAR100_SUPERCLASSES.values() for name in names)
 
-#: CIFAR-FS (Bertinetto et al., 2019): 64/16/20 CIFAR-100 fine classes.
+#: CIFAR-FS (Bertinetto et al., 2019): 64/16/20 CIFAR-100 fine classes. All three lists
+#: checked against torchmeta's datasets/assets/cifar100/cifar-fs/{train,val,test}.json.
 CIFAR_FS_SPLITS: dict[str, tuple[str, ...]] = {
     "train": tuple(n for n in _ALL_CIFAR100 if n not in _CIFAR_FS_VAL + _CIFAR_FS_TEST),
     "val": _CIFAR_FS_VAL,

@@ -22,7 +22,6 @@ from typing import Any
 
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, load_config
-
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
 __all__ = ["main", "build_parser", "format_table", "result_rows"]
@@ -72,13 +71,21 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 # -- train -------------------------------------------------------------------------------
 
 
-def _completed(run_dir: Path, steps: int) -> dict[str, Any] | None:
-    """The results of a run directory that already finished ``steps`` steps, else None."""
+def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The results of a run directory that already finished ``train.steps`` steps with this
+    config (else None); a checkpoint of another config is an error, as when resuming."""
+    from fewshot_nsl.checkpoint import load_checkpoint
+    from fewshot_nsl.runner import check_resumable
+
     path = run_dir / "results.json"
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
-    return results if results.get("steps") == steps else None
+    if results.get("steps") != config["train"]["steps"]:
+        return None
+    last = run_dir / "last.pt"
+    check_resumable(load_checkpoint(last)["config"], config, last)
+    return results
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -112,7 +119,7 @@ def command_train(args: argparse.Namespace) -> int:
     all_results = []
     for name, run in iter_runs(config):
         out_dir = Path(run["train"]["out_dir"])
-        done = _completed(out_dir, run["train"]["steps"]) if resume_dir is not None else None
+        done = _completed(out_dir, run) if resume_dir is not None else None
         done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
         if done is not None:
             if context.is_main:
@@ -259,7 +266,6 @@ def shipped_configs() -> list[Path]:
 
 def command_list(args: argparse.Namespace) -> int:
     from episodes import list_datasets
-
     from fewshot_nsl.backbones import list_backbones
     from fewshot_nsl.learners import list_learners
 

@@ -210,6 +210,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "log_every": Field(50, check=_positive_int),
         "seed": Field(0, check=_non_negative_int),
         "device": Field("auto", check=_check_device),
+        "threads": Field(None, types=(int, None), check=_positive_int),
         "out_dir": Field(None, types=(str, None)),
     },
 }
@@ -452,8 +453,8 @@ def resolve_config(
                 run = resolve(file_config, partial)
             except ConfigError as error:
                 raise ConfigError(f"runs.{name}: {error}") from error
-            if run.get("name") is None and "name" in defaults:
-                run["name"] = str(name)
+            if "name" in defaults:  # a run is named by its key unless it says otherwise
+                run["name"] = str(partial.get("name") or name)
             resolved[RUNS_KEY][str(name)] = run
     return resolved
 

@@ -21,11 +21,11 @@ Why an explicit all-reduce and not ``DistributedDataParallel``: DDP arms its red
 ``DDP.forward`` and syncs from autograd hooks on the parameters. A learner's meta-loss runs
 the model through ``torch.func.functional_call`` with fast weights (several inner steps, then
 the query pass), never through ``DDP.forward``, so the reducer is never prepared and the
-gradients silently stay rank-local (see docs/distributed.md). Making DDP fit would need a
-forward wrapping the whole meta-loss, ``no_sync`` around all but the last task's backward,
-a 1/W rescale, and it would still weight ranks equally when they hold unequal task counts
-and overwrite BatchNorm statistics with rank 0's. One flat all-reduce after the outer
-backward is simpler and exact.
+gradients silently stay rank-local (checked: see docs/distributed.md). Making DDP fit would
+need a module whose forward is the whole meta-loss, ``no_sync`` around all but the last
+task's backward, a W/T loss scale to undo DDP's mean over ranks, and ``broadcast_buffers``
+off (it overwrites every rank's BatchNorm statistics with rank 0's). One flat all-reduce
+after the outer backward is simpler and exact.
 
 Evaluation shards the frozen episode indices round-robin (:func:`shard_indices`) and gathers
 the per-episode accuracies back in index order (:func:`gather_shards`), so means and CIs equal
@@ -38,10 +38,9 @@ creates a process group: :func:`init_distributed` returns a one-process context 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ __all__ = [
     "broadcast_object",
     "build_trainer",
     "choose_backend",
-    "distributed_session",
     "gather_shards",
     "init_distributed",
     "shard_indices",
@@ -195,16 +193,6 @@ def shutdown(context: DistributedContext) -> None:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def distributed_session(device: str = "auto") -> Iterator[DistributedContext]:
-    """:func:`init_distributed` on entry, :func:`shutdown` on exit (also on errors)."""
-    context = init_distributed(device)
-    try:
-        yield context
-    finally:
-        shutdown(context)
-
-
 # -- collectives -----------------------------------------------------------------------------
 
 
@@ -281,9 +269,7 @@ def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[in
     return list(indices[rank::world_size])
 
 
-def gather_shards(
-    local: np.ndarray, total: int, context: DistributedContext
-) -> np.ndarray:
+def gather_shards(local: np.ndarray, total: int, context: DistributedContext) -> np.ndarray:
     """Inverse of :func:`shard_indices`: every rank's ``local`` values, ``(total,)`` float64 in
     the original order. ``local`` is this rank's ``(len(shard),)`` values.
 

@@ -61,6 +61,7 @@ from fewshot_nsl.stats import MeanCI, mean_ci
 
 __all__ = [
     "DatasetNotFound",
+    "check_resumable",
     "EvalResult",
     "LRFactor",
     "MetaTrainer",
@@ -82,6 +83,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.log_every",
     "train.device",
+    "train.threads",
     "train.out_dir",
     "episodes.test_episodes",
     "episodes.test_shots",
@@ -191,6 +193,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def check_resumable(saved: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointMismatch` naming every key in which ``config`` differs from the
+    ``saved`` config of the checkpoint at ``path``, apart from :data:`RESUMABLE_CHANGES`."""
+    differences = [
+        line
+        for line in config_differences(saved, config)
+        if not line.startswith(tuple(f"{key}:" for key in RESUMABLE_CHANGES))
+    ]
+    if differences:
+        raise CheckpointMismatch(
+            f"cannot resume from {path}: the config differs from the checkpoint's in "
+            + "; ".join(differences[:6])
+        )
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -347,6 +364,8 @@ class MetaTrainer:
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.run_dir = RunDir(out_dir if out_dir is not None else run_dir_for(config))
         self.device = resolve_device(config["train"]["device"])
+        if config["train"]["threads"] is not None:  # small models on a busy CPU: fewer is faster
+            torch.set_num_threads(config["train"]["threads"])
         self.splits: dict[str, ImageSplit] = {}
         self.step = 0
         self.best: dict[str, Any] | None = None
@@ -404,16 +423,7 @@ class MetaTrainer:
 
     def _restore(self, path: Path) -> None:
         checkpoint = load_checkpoint(path, map_location=self.device)
-        differences = [
-            line
-            for line in config_differences(checkpoint["config"], self.config)
-            if not line.startswith(tuple(f"{key}:" for key in RESUMABLE_CHANGES))
-        ]
-        if differences:
-            raise CheckpointMismatch(
-                f"cannot resume from {path}: the config differs from the checkpoint's in "
-                + "; ".join(differences[:6])
-            )
+        check_resumable(checkpoint["config"], self.config, path)
         stale = {
             name: (saved, self.fingerprints().get(name))
             for name, saved in checkpoint["data"].items()
@@ -592,6 +602,11 @@ class MetaTrainer:
         """Setup (or resume), train, test; write and return ``results.json``'s payload."""
         started = time.perf_counter()
         self.setup(resume=resume)
+        results_path = self.run_dir.file(RunDir.RESULTS)
+        if resume and results_path.is_file() and self.step == self.config["train"]["steps"]:
+            finished = self.run_dir.read_json(RunDir.RESULTS)
+            if finished.get("steps") == self.step:  # nothing left to do: keep its results
+                return finished
         self.train()
         tests = self.test()
         results = self.results(tests, time.perf_counter() - started)

@@ -55,7 +55,12 @@ class Row:
 
 
 def make_rows(
-    batch: int, cin: int, cout: int, size: int, device: torch.device, with_cuda: bool,
+    batch: int,
+    cin: int,
+    cout: int,
+    size: int,
+    device: torch.device,
+    with_cuda: bool,
     with_reference: bool,
 ) -> list[Row]:
     """The benchmark rows for one layer shape; each ``run`` does forward + backward."""
@@ -117,7 +122,7 @@ def make_rows(
     return rows
 
 
-def time_once(row: Row, device: torch.device) -> float:
+def time_once(row: Row, device: torch.device, clock: str = "wall") -> float:
     os.environ[BACKEND_ENV] = row.env
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -127,19 +132,22 @@ def time_once(row: Row, device: torch.device) -> float:
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000.0
-    begin = time.perf_counter()
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    begin = timer()
     row.run()
-    return time.perf_counter() - begin
+    return timer() - begin
 
 
-def bench(rows: list[Row], device: torch.device, rounds: int, stat: str) -> dict[str, float]:
+def bench(
+    rows: list[Row], device: torch.device, rounds: int, stat: str, clock: str
+) -> dict[str, float]:
     for row in rows:  # warm-up (also lets the CUDA extension load/compile)
         time_once(row, device)
     samples: dict[str, list[float]] = {row.name: [] for row in rows}
     for _ in range(rounds):
         for row in rows:
             time_once(row, device)  # untimed: re-fault this row's buffers after the last row
-            samples[row.name].append(time_once(row, device))
+            samples[row.name].append(time_once(row, device, clock))
     reduce = min if stat == "min" else statistics.median
     return {name: reduce(values) for name, values in samples.items()}
 
@@ -154,11 +162,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="timed rounds (CPU 5, GPU 20)")
     parser.add_argument("--stat", choices=["min", "median"], default="min")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="CPU only: 'cpu' times process CPU time (use with --threads 1): on a machine "
+        "shared with other jobs it ignores time-slicing, which wall time does not",
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     parser.add_argument("--quick", action="store_true", help="2 rounds, CPU 21x21 only")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = "wall" if on_gpu else args.clock
     rounds = args.rounds or (2 if args.quick else (20 if on_gpu else 5))
     if on_gpu:
         batches = args.batch or [80, 256]
@@ -167,20 +186,23 @@ def main() -> None:
     else:
         batches = args.batch or [32]
         sizes = [21] if args.quick else args.sizes
-        shapes = [(f"{args.channels}->{args.channels}", args.channels, args.channels, s)
-                  for s in sizes]
+        shapes = [
+            (f"{args.channels}->{args.channels}", args.channels, args.channels, s) for s in sizes
+        ]
         name = platform.processor() or platform.machine()
     os.environ.pop(BACKEND_ENV, None)
     with_cuda = on_gpu and backend(device) == "cuda"
-    print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"rounds {rounds} ({args.stat}), auto backend: {backend(device)}")
+    print(
+        f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"rounds {rounds} ({args.stat}, {clock} time), auto backend: {backend(device)}"
+    )
     if on_gpu and not with_cuda:
         print("CUDA extension unavailable: CUDA rows skipped")
 
     for batch in batches:
         for label, cin, cout, size in shapes:
             rows = make_rows(batch, cin, cout, size, device, with_cuda, not args.no_reference)
-            times = bench(rows, device, rounds, args.stat)
+            times = bench(rows, device, rounds, args.stat, clock)
             base = times[rows[0].name]
             print(f"\n{label}: batch {batch}, {cin}->{cout}, 3x3, {size}x{size}, forward+backward")
             print(f"| {'path':<34} | {'ms':>9} | {'x conv':>7} |")

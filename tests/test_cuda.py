@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import types
 import warnings
 from pathlib import Path
 
@@ -121,8 +122,10 @@ def test_gradcheck_and_gradgradcheck(granularity, diagonal):
         return call(x, weight, M, geometry, granularity, diagonal)
 
     assert torch.autograd.gradcheck(op, inputs)
-    if cuda_ops.HAS_CUSTOM_OP:  # second order needs the differentiable backward op
-        # fast mode (random projections of the Jacobian): the full check is minutes on CPU.
+    # Second order needs the differentiable backward op; the double backward is the same code
+    # for every form, so two forms (one per path) suffice. Fast mode (random projections of
+    # the Jacobian): the full check takes minutes on a CPU.
+    if cuda_ops.HAS_CUSTOM_OP and (granularity == "location") != diagonal:
         assert torch.autograd.gradgradcheck(op, inputs, fast_mode=True)
 
 
@@ -267,6 +270,30 @@ def test_real_loader_explains_a_cpu_only_torch(fresh_loader, monkeypatch):
         assert cuda_ops.cuda_available() is False
 
 
+def test_prebuilt_module_is_preferred_over_a_jit_build(fresh_loader, monkeypatch):
+    prebuilt = types.ModuleType("prebuilt")
+    monkeypatch.delenv(cuda_ops.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_ops, "_import_prebuilt", lambda: prebuilt)
+
+    def must_not_build(verbose):
+        raise AssertionError("the prebuilt module must be used")
+
+    monkeypatch.setattr(cuda_ops, "_jit_build", must_not_build)
+    assert cuda_ops.load_extension() is prebuilt
+    assert cuda_ops.cuda_available() is True
+
+
+def test_build_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_ext"))
+    assert cuda_ops._build_directory() is None  # torch then uses $TORCH_EXTENSIONS_DIR
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = Path(cuda_ops._build_directory())
+    assert folder.is_dir() and folder.parent == tmp_path / "fewshot_nsl" / "torch_extensions"
+    assert torch.__version__.split("+")[0] in folder.name
+
+
 def test_disable_env_skips_the_extension_silently(fresh_loader, monkeypatch):
     monkeypatch.setenv(cuda_ops.DISABLE_ENV, "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -357,13 +384,139 @@ def test_sources_compile(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# The kernels themselves, run on the CPU through csrc/host_emulation.h (one std::thread per
+# CUDA thread, a std::barrier per __syncthreads): indexing, tiling, split-K, dtype conversions
+# --------------------------------------------------------------------------------------------
+EMULATION_SHIM = r"""
+#include <cstdint>
+#include "bilinear_conv2d.h"
+using fewshot_nsl::DType;
+using fewshot_nsl::Geometry;
+static Geometry geometry(const int64_t* v, int diagonal) {
+  return Geometry{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11],
+                  v[12], v[13], v[14], diagonal != 0};
+}
+extern "C" int splits(const int64_t* v, int diagonal) {
+  return fewshot_nsl::weight_grad_splits(geometry(v, diagonal));
+}
+extern "C" int forward(int dtype, const void* x, const void* w, const void* m, void* y,
+                       const int64_t* v, int diagonal) {
+  return fewshot_nsl::location_forward(static_cast<DType>(dtype), x, w, m, y,
+                                       geometry(v, diagonal), nullptr);
+}
+extern "C" int backward(int dtype, const void* gy, const void* x, const void* w, const void* m,
+                        void* patches, void* partials, void* gx, void* gw, void* gm,
+                        const int64_t* v, int diagonal) {
+  return fewshot_nsl::location_backward(static_cast<DType>(dtype), gy, x, w, m, patches,
+                                        partials, gx, gw, gm, geometry(v, diagonal), nullptr);
+}
+"""
+EMULATION_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    """The kernels file compiled by g++ against host_emulation.h, loaded with ctypes."""
+    import ctypes
+
+    cxx = shutil.which("g++")
+    cuda_include = _cuda_include_dir()
+    if cxx is None or cuda_include is None:
+        pytest.skip("needs g++ and the CUDA toolkit's headers")
+    folder = tmp_path_factory.mktemp("emulation")
+    (folder / "shim.cpp").write_text(EMULATION_SHIM)
+    library = folder / "kernels.so"
+    csrc = cuda_ops.CSRC_DIR
+    command = [
+        cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+        f"-I{csrc}", f"-I{cuda_include}", "-include", str(csrc / "host_emulation.h"),
+        "-x", "c++", str(csrc / "bilinear_conv2d_kernels.cu"), "-x", "c++",
+        str(folder / "shim.cpp"), "-o", str(library), "-lpthread",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(library))
+
+
+def run_emulated(lib, x, weight, M, grad_y, geometry, diagonal):
+    """Forward and backward of the per-location kernels into NaN-prefilled outputs."""
+    import ctypes
+
+    _, stride, padding, dilation = geometry
+    batch, channels, height, width = x.shape
+    out_ch, _, kh, kw = weight.shape
+    h_out, w_out = grad_y.shape[2:]
+    dims = torch.tensor([batch, channels, height, width, out_ch, kh, kw, h_out, w_out,
+                         *stride, *padding, *dilation], dtype=torch.int64)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    taps = kh * kw
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr())
+
+    nan = float("nan")
+    y = torch.full((batch, out_ch, h_out, w_out), nan, dtype=x.dtype)
+    splits = lib.splits(ptr(dims), int(diagonal))
+    patches = torch.full((batch, channels * taps, h_out * w_out), nan, dtype=acc)
+    partials = torch.full((splits, out_ch, channels * taps), nan, dtype=acc)
+    grads = [torch.full_like(t, nan) for t in (x, weight, M)]
+    dtype = EMULATION_DTYPES[x.dtype]
+    tensors = [t.contiguous() for t in (x, weight, M, grad_y)]
+    assert lib.forward(dtype, *map(ptr, tensors[:3]), ptr(y), ptr(dims), int(diagonal)) == 0
+    assert lib.backward(dtype, ptr(tensors[3]), *map(ptr, tensors[:3]), ptr(patches),
+                        ptr(partials), *map(ptr, grads), ptr(dims), int(diagonal)) == 0
+    return y, grads, splits
+
+
+EMULATION_CASES = [
+    # (geometry, diagonal, dtype, sizes): every geometry in float64, then 64x64 tiles in m and
+    # n plus a 2-way split-K reduction of grad_weight, then the 16-bit conversions.
+    *[(g, d, torch.float64, {}) for g in GEOMETRIES for d in (False, True)],
+    (GEOMETRIES[0], False, torch.float32, dict(batch=4, channels=3, out_ch=70, size=(24, 24))),
+    (GEOMETRIES[3], True, torch.float32, dict(batch=3, channels=9, out_ch=20, size=(21, 9))),
+    (GEOMETRIES[1], False, torch.bfloat16, dict(channels=8, out_ch=8)),
+    (GEOMETRIES[1], True, torch.float16, dict(channels=8, out_ch=8)),
+]
+
+
+@pytest.mark.parametrize("geometry,diagonal,dtype,sizes", EMULATION_CASES)
+def test_emulated_location_kernels_match_reference(emulated_kernels, geometry, diagonal, dtype,
+                                                   sizes):
+    x, weight, M = (t.to(dtype) for t in make_inputs("location", diagonal, geometry, **sizes))
+    ref_inputs = [t.double().requires_grad_() for t in (x, weight, M)]
+    y_ref = reference(*ref_inputs, *geometry[1:], "location", diagonal)
+    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    grads_ref = torch.autograd.grad(y_ref, ref_inputs, grad_y)
+    y, grads, splits = run_emulated(emulated_kernels, x, weight, M, grad_y.to(dtype), geometry,
+                                    diagonal)
+    if sizes.get("out_ch", 0) > 64:
+        assert splits > 1  # the case exists to exercise the split-K path
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for name, got, want in zip(("y", "grad_x", "grad_weight", "grad_M"), (y, *grads),
+                               (y_ref, *grads_ref)):
+        assert not torch.isnan(got).any(), f"{name}: elements left unwritten"
+        rel = ((got.double() - want).norm() / want.norm()).item()
+        assert rel <= tolerance, f"{name}: relative error {rel:.2e} > {tolerance:g}"
+
+
+# --------------------------------------------------------------------------------------------
 # On a GPU: the kernels themselves (scripts/check_cuda.py runs the full grid)
 # --------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_tf32():
+    """Exact float32: the per-sample path's cuDNN convolutions would otherwise use TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("granularity,diagonal", FORMS)
-def test_gpu_float32_matches_reference(granularity, diagonal, geometry):
+def test_gpu_float32_matches_reference(no_tf32, granularity, diagonal, geometry):
     assert cuda_ops.cuda_available(), cuda_ops.unavailable_reason()
     inputs = make_inputs(granularity, diagonal, geometry, dtype=torch.float32, device="cuda")
     inputs = [t.requires_grad_() for t in inputs]

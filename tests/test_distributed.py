@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from fewshot_nsl.config import dump_config, resolve_config
 from fewshot_nsl.distributed import (
     BufferSync,
     DistributedContext,
+    DistributedMetaTrainer,
     all_reduce_gradients,
     all_reduce_sums,
     build_trainer,
@@ -230,13 +232,15 @@ def test_world_from_env_rejects_bad_variables(environ: dict[str, str], message: 
         world_from_env(environ)
 
 
-def test_one_process_creates_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_process_creates_no_process_group(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     context = init_distributed("cpu")
     assert not context.is_distributed and context.is_main and context.world_size == 1
     assert not torch.distributed.is_initialized()
-    trainer = build_trainer(tiny_config(steps=1), None, context, quiet=True)
+    trainer = build_trainer(tiny_config(steps=1), tmp_path, context, quiet=True)
     assert type(trainer) is MetaTrainer
     # The primitives are the identity without a process group.
     weight = nn.Parameter(torch.zeros(2))
@@ -245,6 +249,12 @@ def test_one_process_creates_no_process_group(monkeypatch: pytest.MonkeyPatch) -
     assert weight.grad.tolist() == [1.0, 2.0]
     assert all_reduce_sums([1.5, 2.0]) == [1.5, 2.0]
     assert gather_shards(np.array([0.5, 0.25]), 2, context).tolist() == [0.5, 0.25]
+
+
+def test_nccl_group_rejects_a_cpu_run(tmp_path: Path) -> None:
+    context = DistributedContext(rank=0, world_size=2, backend="nccl")
+    with pytest.raises(ValueError, match="train.device='cpu' is not a GPU, but the process group"):
+        DistributedMetaTrainer(tiny_config(steps=1), tmp_path, context=context, quiet=True)
 
 
 def test_shard_indices_partition_round_robin() -> None:
@@ -306,8 +316,18 @@ def _single_process_reference(work: Path) -> dict[str, Any]:
     return reference
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, like each worker: on a busy 2-core machine two threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     reference = _single_process_reference(tmp_path)
     dump_config(tiny_config(steps=2), tmp_path / "cli.yaml")

@@ -177,6 +177,20 @@ def test_missing_source_files_are_named(mini_imagenet_layouts, tmp_path):
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path, "out")
 
 
+def test_python2_style_pickles_with_bytes_keys_load(mini_imagenet_layouts, tmp_path):
+    pickles = mini_imagenet_layouts["pickle"]
+    reference = prepare_mini_imagenet(pickles, tmp_path / "reference", strict=False)
+    for path in pickles.glob("*.pkl"):
+        data = pickle.loads(path.read_bytes())
+        class_dict = {wnid.encode(): rows for wnid, rows in data["class_dict"].items()}
+        path.write_bytes(
+            pickle.dumps({b"image_data": data["image_data"], b"class_dict": class_dict})
+        )
+    converted = prepare_mini_imagenet(pickles, tmp_path / "bytes-keys", strict=False)
+    for split in ("train", "val", "test"):
+        assert load_cache(converted, split).fingerprint == load_cache(reference, split).fingerprint
+
+
 def test_hdf5_without_h5py_says_how_to_install_it(mini_imagenet_layouts, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)  # makes "import h5py" fail
     with pytest.raises(ImportError, match="needs h5py: pip install 'fewshot-nsl\\[hdf5\\]'"):
@@ -273,6 +287,21 @@ def test_published_cifar_class_splits_are_consistent():
         assert set().union(*map(set, splits.values())) == fine
     assert tuple(len(FC100_SUPERCLASS_SPLITS[s]) for s in ("train", "val", "test")) == (12, 4, 4)
     assert set().union(*map(set, FC100_SUPERCLASS_SPLITS.values())) == set(CIFAR100_SUPERCLASSES)
+
+
+def test_cifar_fs_and_fc100_fine_class_splits_partition_cifar100():
+    fine = cifar100_fine_names()
+    assert len(set(fine)) == 100 and all(len(v) == 5 for v in CIFAR100_SUPERCLASSES.values())
+    fc100 = {
+        s: [n for sc in FC100_SUPERCLASS_SPLITS[s] for n in CIFAR100_SUPERCLASSES[sc]]
+        for s in ("train", "val", "test")
+    }
+    for splits, sizes in ((CIFAR_FS_SPLITS, (64, 16, 20)), (fc100, (60, 20, 20))):
+        parts = [list(splits[s]) for s in ("train", "val", "test")]
+        assert tuple(len(set(p)) for p in parts) == tuple(len(p) for p in parts) == sizes
+        assert sorted(n for p in parts for n in p) == fine  # disjoint, and all 100 covered
+    assert {"otter", "maple_tree", "crab"} <= set(CIFAR_FS_SPLITS["val"])
+    assert {"baby", "rocket", "whale"} <= set(CIFAR_FS_SPLITS["test"])
 
 
 @pytest.mark.parametrize(
@@ -426,3 +455,32 @@ def test_synthetic_glyphs_are_learnable_but_not_trivial():
     # Measured: nearest neighbour 0.45, ProtoNet 0.58 (chance: 0.2).
     assert 0.25 < nearest < 0.75
     assert 0.35 < report.test_accuracy < 0.9
+
+
+def test_omniglot_full_listing_follows_the_vinyals_split():
+    from episodes.datasets import (
+        OMNIGLOT_SPLIT_SIZES,
+        OMNIGLOT_VAL_ALPHABETS,
+        _omniglot_split_ranges,
+        _vinyals_order,
+    )
+
+    # A listing shaped like the real one: background alphabets (validation ones among them,
+    # 172 characters in all) sorted, then evaluation alphabets.
+    val_sizes = dict(zip(sorted(OMNIGLOT_VAL_ALPHABETS), [34, 34, 34, 35, 35]))
+    background = [("Alpha", 400), ("Armenian", 0), ("Bengali", 0), ("Cyrillic", 300),
+                  ("Early_Aramaic", 0), ("Hebrew", 0), ("Mkhedruli_(Georgian)", 0), ("Zeta", 80)]
+    listing = []
+    for alphabet, n in background:
+        n = val_sizes.get(alphabet, n)
+        listing += [(f"{alphabet}/character{i:02d}", []) for i in range(n)]
+    evaluation = 1623 - len(listing)
+    listing += [(f"Zz_eval/character{i:03d}", []) for i in range(evaluation)]
+
+    ordered = _vinyals_order(listing)
+    ranges = _omniglot_split_ranges(len(ordered), strict=True)
+    names = {split: [ordered[i][0] for i in r] for split, r in ranges.items()}
+    assert {len(v) for v in names.values()} == set(OMNIGLOT_SPLIT_SIZES.values())
+    assert all(n.split("/")[0] in OMNIGLOT_VAL_ALPHABETS for n in names["val"])
+    assert not any(n.split("/")[0] in OMNIGLOT_VAL_ALPHABETS for n in names["train"])
+    assert names["test"] == [n for n, _ in listing[-423:]]  # the last 423 characters

@@ -338,3 +338,27 @@ def test_sampler_passes_the_episode_generator_to_the_transform(glyph_split):
     assert seen[0] == seen[2] != seen[1]
     images = sampler[0].support_x  # no normalisation: [0, 1] pixels
     assert images.min() >= 0 and images.max() <= 1
+
+
+def test_task_batcher_rejects_ranks_without_tasks(glyph_split):
+    sampler = EpisodeSampler(glyph_split, 3, 1, 1, seed=0)
+    with pytest.raises(ValueError, match="tasks_per_batch=2 < world_size=4"):
+        TaskBatcher(sampler, 2, rank=0, world_size=4)
+    with pytest.raises(TypeError, match="unbounded"):
+        len(TaskBatcher(sampler, 2))
+
+
+def test_episodes_imports_nothing_from_fewshot_nsl():
+    import ast
+    from pathlib import Path
+
+    import episodes
+
+    for path in Path(episodes.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "fewshot_nsl" for n in names), path.name

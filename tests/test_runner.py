@@ -55,6 +55,15 @@ def tiny_config(*overrides: str, **sections: dict[str, Any]) -> dict[str, Any]:
     return resolve_config(payload, list(overrides))
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """These models are tiny: one intra-op thread is fastest, and robust to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- statistics --------------------------------------------------------------------------
 
 

@@ -399,6 +399,13 @@ def test_folded_export_predicts_identically_without_the_package(tmp_path, glyphs
     error = (logits.argmax(1) != torch.as_tensor(glyphs.test_labels)).float().mean().item()
     assert error == pytest.approx(results["test_error"], abs=0)
 
+    # Without --fold the NSL layers are exported as they are (same predictions, NSL speed).
+    unfolded, meta = load_exported(export_model(tmp_path / "run" / "last.pt",
+                                                tmp_path / "nsl.pt2", fold=False))
+    assert not meta["folded"]
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded(images), reference, rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.slow
 def test_cli_trains_and_refuses_to_fold_a_dynamic_network(tmp_path, capsys):
@@ -422,11 +429,6 @@ def test_cli_trains_and_refuses_to_fold_a_dynamic_network(tmp_path, capsys):
                    "--out", str(tmp_path / "m.pt2"), "--fold"])
     assert status == 2
     assert "dynamic NSL layers" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
-    # Without --fold the dynamic network exports as it is.
-    assert main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"),
-                 "--out", str(tmp_path / "m.pt2")]) == 0
-    exported, meta = load_exported(tmp_path / "m.pt2")
-    assert exported(torch.rand(2, 3, 16, 16)).shape == (2, 3) and not meta["folded"]
     status = main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", "x.pt2"])
     assert status == 2 and "does not exist" in capsys.readouterr().err
     status = main(["train-supervised", "--config", str(config_path), "train.iteratons=3"])

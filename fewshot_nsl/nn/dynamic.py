@@ -38,6 +38,10 @@ class SimilarityPredictor(nn.Module):
       linear -> ``M`` of shape ``(B, HV[, HV])``. Cheap: its cost is independent of the
       feature map size.
 
+    ``conv1`` is an ``nn.Conv2d`` for its parameters and initialisation only: it is applied
+    functionally with the geometry passed to :meth:`forward`, so its own stride/padding are
+    unused (one shared predictor serves layers of different strides).
+
     Weights are He-initialised and scaled by 0.1 (``conv1``) and 0.001 (``head``), biases
     zero, and the identity is added, so a fresh predictor returns identity + O(1e-3).
 
@@ -215,7 +219,11 @@ class DynamicNSLConv2d(nn.Module):
             self.register_parameter("bias", None)
         if predictor is None:
             self.predictor: nn.Module = SimilarityPredictor(
-                in_channels, self.kernel_size, similarity, granularity, hidden,
+                in_channels,
+                self.kernel_size,
+                similarity,
+                granularity,
+                hidden,
                 predictor_batch_norm,
             )
         else:
@@ -245,8 +253,15 @@ class DynamicNSLConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         M = self.predict_similarity(x)
         return bilinear_conv2d(
-            x, self.weight, M, self.bias, self.stride, self.padding, self.dilation,
-            granularity=self.granularity, diagonal=self.diagonal,
+            x,
+            self.weight,
+            M,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            granularity=self.granularity,
+            diagonal=self.diagonal,
         )
 
     def extra_repr(self) -> str:

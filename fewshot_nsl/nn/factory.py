@@ -121,7 +121,11 @@ class ConvFactory:
         if kernel_size not in self._shared:
             spec = self.spec
             self._shared[kernel_size] = SimilarityPredictor(
-                spec.hidden, kernel_size, spec.similarity, spec.granularity, spec.hidden,
+                spec.hidden,
+                kernel_size,
+                spec.similarity,
+                spec.granularity,
+                spec.hidden,
                 spec.predictor_batch_norm,
             )
         return self._shared[kernel_size]
@@ -143,16 +147,33 @@ class ConvFactory:
             )
         if spec.kind == "static":
             return NSLConv2d(
-                in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
-                similarity=spec.similarity, sharing=spec.sharing, normalize=spec.normalize,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                bias,
+                similarity=spec.similarity,
+                sharing=spec.sharing,
+                normalize=spec.normalize,
             )
         shared = None
         if spec.predictor == "shared":
             shared = self._shared_predictor(_pair(kernel_size, "kernel_size", 1))
         return DynamicNSLConv2d(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
-            similarity=spec.similarity, granularity=spec.granularity, hidden=spec.hidden,
-            predictor=shared, predictor_batch_norm=spec.predictor_batch_norm,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            bias,
+            similarity=spec.similarity,
+            granularity=spec.granularity,
+            hidden=spec.hidden,
+            predictor=shared,
+            predictor_batch_norm=spec.predictor_batch_norm,
         )
 
     def __repr__(self) -> str:

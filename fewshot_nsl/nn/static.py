@@ -117,8 +117,15 @@ class NSLConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.normalize is None:
             return bilinear_conv2d(
-                x, self.weight, self.M, self.bias, self.stride, self.padding, self.dilation,
-                granularity=self.granularity, diagonal=self.diagonal,
+                x,
+                self.weight,
+                self.M,
+                self.bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                granularity=self.granularity,
+                diagonal=self.diagonal,
             )
         eff = self.effective_weight()
         out = F.conv2d(x, eff, None, self.stride, self.padding, self.dilation)
@@ -141,9 +148,15 @@ class NSLConv2d(nn.Module):
                 "the per-patch input norm is not a fixed kernel"
             )
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(self.effective_weight())

@@ -137,7 +137,10 @@ def load_extension(verbose: bool | None = None) -> ModuleType | None:
             if module is None:
                 module = _jit_build(_env_flag(VERBOSE_ENV) if verbose is None else verbose)
         except Exception as exc:  # a compiler error, a missing toolkit, a bad ABI ...
-            _state.reason = f"{type(exc).__name__}: {exc}"
+            # A compiler error carries the whole build log: keep its end, where the error is.
+            message = str(exc).strip()
+            message = message if len(message) <= 800 else "..." + message[-800:]
+            _state.reason = f"{type(exc).__name__}: {message}"
             warnings.warn(
                 f"fewshot_nsl: the CUDA extension for bilinear_conv2d could not be built or "
                 f"loaded ({_state.reason}); using the PyTorch implementation instead. "

@@ -2,8 +2,9 @@
 
 The recipe is the NSL authors' CIFAR one: SGD with momentum 0.9, batch 128, learning rate 0.1
 multiplied by 0.1 at 20k / 30k / 37.5k of 42.5k iterations, weight decay 5e-4 on every
-parameter except the similarity matrices ``M``, an L2 penalty (5e-3) on ``M``, label smoothing
-0.01, pad-4 random crop + horizontal flip.
+parameter except the similarity matrices ``M``, an L2 penalty (5e-3) on ``M`` (on ``M - I`` by
+default, ``train.penalty_target``; see docs/supervised.md), label smoothing 0.01, pad-4 random
+crop + horizontal flip.
 
 Reproducibility: the model is initialised from ``train.seed``; train batch ``i`` and its
 augmentation are pure functions of ``(train.seed, i)`` (see :class:`TrainBatches`), so a run

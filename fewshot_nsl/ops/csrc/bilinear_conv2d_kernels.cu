@@ -22,6 +22,13 @@
 
 #include "bilinear_conv2d.h"
 
+// Kernel launches go through this macro so that tests can run the same kernels on the CPU
+// (host_emulation.h, used by tests/test_cuda.py); under nvcc it is the plain <<<>>> launch.
+#ifndef FEWSHOT_NSL_LAUNCH
+#define FEWSHOT_NSL_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace fewshot_nsl {
 namespace {
 
@@ -126,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t batch = blockIdx.z / splits;
   const int split = blockIdx.z % splits;
   const int64_t r_begin = split * r_per_split;
-  const int64_t r_end = min(r_size, r_begin + r_per_split);
+  const int64_t r_end = r_begin + r_per_split < r_size ? r_begin + r_per_split : r_size;
 
   acc_t acc[kPerThread][kPerThread];
 #pragma unroll
@@ -361,9 +368,9 @@ void launch_gemm(int64_t m_size, int64_t n_size, int64_t r_size, int64_t batch, 
   const dim3 grid(static_cast<unsigned>((n_size + kTileN - 1) / kTileN),
                   static_cast<unsigned>((m_size + kTileM - 1) / kTileM),
                   static_cast<unsigned>(batch * splits));
-  tiled_gemm_kernel<acc_t, kAFastR, kBFastR><<<grid, kThreads, 0, stream>>>(
-      m_size, n_size, r_size, splits, std::max<int64_t>(r_per_split, kTileR), load_a, load_b,
-      store);
+  const auto kernel = &tiled_gemm_kernel<acc_t, kAFastR, kBFastR, LoadA, LoadB, Store>;
+  FEWSHOT_NSL_LAUNCH(kernel, grid, kThreads, stream, m_size, n_size, r_size, splits,
+                     std::max<int64_t>(r_per_split, kTileR), load_a, load_b, store);
 }
 
 // Grid for the grid-stride elementwise kernels.
@@ -412,16 +419,19 @@ cudaError_t backward_impl(const scalar_t* grad_y, const scalar_t* x, const scala
                                  MixedPatchByColumn<scalar_t>{patches},
                                  StorePartial<acc_t>{partials, g.out_channels, reduction}, stream);
   const int64_t weight_numel = g.out_channels * reduction;
-  sum_partials_kernel<scalar_t, acc_t><<<elementwise_blocks(weight_numel), kThreads, 0, stream>>>(
-      partials, splits, weight_numel, grad_weight);
+  const auto sum_kernel = &sum_partials_kernel<scalar_t, acc_t>;
+  FEWSHOT_NSL_LAUNCH(sum_kernel, elementwise_blocks(weight_numel), kThreads, stream, partials,
+                     splits, weight_numel, grad_weight);
 
   const int64_t m_numel = g.batch * positions * hv * (g.diagonal ? 1 : hv);
-  grad_m_kernel<scalar_t, acc_t><<<elementwise_blocks(m_numel), kThreads, 0, stream>>>(
-      grad_patches, patches, grad_M);
+  const auto m_kernel = &grad_m_kernel<scalar_t, acc_t>;
+  FEWSHOT_NSL_LAUNCH(m_kernel, elementwise_blocks(m_numel), kThreads, stream, grad_patches,
+                     patches, grad_M);
 
   const int64_t x_numel = g.batch * g.in_channels * g.in_h * g.in_w;
-  grad_x_kernel<scalar_t, acc_t><<<elementwise_blocks(x_numel), kThreads, 0, stream>>>(
-      grad_patches, M, g, grad_x);
+  const auto x_kernel = &grad_x_kernel<scalar_t, acc_t>;
+  FEWSHOT_NSL_LAUNCH(x_kernel, elementwise_blocks(x_numel), kThreads, stream, grad_patches, M,
+                     g, grad_x);
   return cudaGetLastError();
 }
 
