@@ -4,8 +4,9 @@ The multi-process test launches this very module under ``python -m torch.distrib
 (2 CPU processes, gloo, a free port on 127.0.0.1): ``python -m tests.test_distributed
 --worker DIR`` is the worker. The parent runs the single-process references and compares:
 parameters after k meta-steps (meta-batch 4 split 2+2, and 3 split 2+1), sharded vs
-unsharded per-episode test accuracies, resume 1 → 2 ranks and 2 → 1 rank, plus the
-collective primitives on rank-dependent inputs.
+unsharded per-episode test accuracies, resume 1 → 2 ranks and 2 → 1 rank, the collective
+primitives on rank-dependent inputs, and ``fewshot-nsl train`` in the same process group (one
+copy of the output and of the files).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 import torch
 from torch import nn
 
+from episodes import TaskBatcher
 from fewshot_nsl.cli import main as cli_main
 from fewshot_nsl.config import dump_config, resolve_config
 from fewshot_nsl.distributed import (
@@ -249,6 +251,20 @@ def test_one_process_creates_no_process_group(
     assert weight.grad.tolist() == [1.0, 2.0]
     assert all_reduce_sums([1.5, 2.0]) == [1.5, 2.0]
     assert gather_shards(np.array([0.5, 0.25]), 2, context).tolist() == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("tasks_per_batch", [4, 5])
+def test_rank_streams_are_disjoint_and_independent_of_world_size(tasks_per_batch: int) -> None:
+    single = TaskBatcher(None, tasks_per_batch)  # episode_indices never touches the sampler
+    for world_size in (2, 3, 4):
+        for step in (0, 1, 7):
+            shares = [
+                TaskBatcher(None, tasks_per_batch, rank, world_size).episode_indices(step)
+                for rank in range(world_size)
+            ]
+            flat = [index for share in shares for index in share]
+            assert len(flat) == len(set(flat))  # disjoint
+            assert sorted(flat) == single.episode_indices(step)  # = the 1-process meta-batch
 
 
 def test_nccl_group_rejects_a_cpu_run(tmp_path: Path) -> None:

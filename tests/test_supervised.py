@@ -282,6 +282,8 @@ def test_lr_schedule_of_the_recipe():
     milestones = [20000, 30000, 37500]
     factors = [lr_multiplier(i, milestones, 0.1) for i in (0, 19999, 20000, 30000, 37499, 37500)]
     np.testing.assert_allclose(factors, [1, 1, 0.1, 0.01, 0.01, 0.001])
+    warm = [lr_multiplier(i, [3], 0.1, warmup=4) for i in range(6)]
+    np.testing.assert_allclose(warm, [0.25, 0.5, 0.75, 0.1, 0.1, 0.1])
 
 
 def test_train_batches_are_epoch_permutations_and_reproducible():

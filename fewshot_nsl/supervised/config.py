@@ -79,6 +79,8 @@ SUPERVISED_DEFAULTS: dict[str, Any] = {
         "lr": Field(0.1, types=(float,), check=_non_negative_float),
         "lr_milestones": Field([20000, 30000, 37500], check=_milestones),
         "lr_gamma": Field(0.1, types=(float,), check=_non_negative_float),
+        # Linear warm-up over the first N iterations; 0 (the recipe) = none.
+        "warmup_iterations": Field(0, check=_non_negative_int),
         "momentum": Field(0.9, types=(float,), check=_non_negative_float),
         "nesterov": False,
         "weight_decay": Field(5e-4, types=(float,), check=_non_negative_float),

@@ -110,8 +110,8 @@ def run_supervised(
         log: where one-line messages go (default: stderr).
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    trainer = SupervisedTrainer(config, data)  # bad data fails before a run dir is created
     run_dir = RunDir(out_dir if out_dir is not None else run_dir_for(config))
-    trainer = SupervisedTrainer(config, data)
     checkpoint = run_dir.file(CHECKPOINT)
     if resume and checkpoint.is_file():
         _restore(trainer, checkpoint)

@@ -78,9 +78,15 @@ def record_data_properties(data_config: dict[str, Any], data: ClassificationData
             )
 
 
-def lr_multiplier(iteration: int, milestones: list[int], gamma: float) -> float:
-    """Step schedule: ``gamma ** (number of milestones <= iteration)``."""
-    return gamma ** sum(iteration >= milestone for milestone in milestones)
+def lr_multiplier(
+    iteration: int, milestones: list[int], gamma: float, warmup: int = 0
+) -> float:
+    """Step schedule ``gamma ** (number of milestones <= iteration)``, times a linear warm-up
+    ``(iteration + 1) / warmup`` during the first ``warmup`` iterations (0: no warm-up)."""
+    factor = gamma ** sum(iteration >= milestone for milestone in milestones)
+    if warmup > 0:
+        factor *= min(1.0, (iteration + 1) / warmup)
+    return factor
 
 
 def classification_loss(
@@ -173,7 +179,8 @@ class SupervisedTrainer:
 
     def _set_lr(self) -> float:
         train = self.config["train"]
-        lr = train["lr"] * lr_multiplier(self.iteration, train["lr_milestones"], train["lr_gamma"])
+        lr = train["lr"] * lr_multiplier(self.iteration, train["lr_milestones"], train["lr_gamma"],
+                                         train["warmup_iterations"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
