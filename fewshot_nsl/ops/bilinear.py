@@ -449,8 +449,10 @@ def bilinear_conv2d(
     elif path == "cuda" and per_image:
         module = _cuda_module()
         assert module is not None  # backend() returned "cuda" only if it imported
+        # The custom op does not take part in autocast: give it one dtype (x's).
         out = module.bilinear_conv2d_cuda(
-            x, weight, M, stride_p, padding_p, dilation_p, granularity, diagonal
+            x, weight.to(x.dtype), M.to(x.dtype), stride_p, padding_p, dilation_p,
+            granularity, diagonal,
         )
     else:
         if M is None or granularity in ("shared", "channel"):
