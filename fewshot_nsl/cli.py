@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, load_config
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
@@ -188,10 +190,12 @@ def command_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     path = Path(args.checkpoint)
     learner, config, split = _loaded_learner(path, device)
+    if config["train"]["threads"] is not None:  # as the run itself was evaluated
+        torch.set_num_threads(config["train"]["threads"])
     episodes = config["episodes"]
     shots = args.shots or episodes["test_shots"]
     num_episodes = args.episodes or episodes["test_episodes"]
-    manifest = args.manifest
+    manifest = args.manifest or episodes["manifest"]
     if manifest and len(shots) > 1 and "{shot}" not in manifest:
         raise ConfigError(
             f"--manifest {manifest}: one manifest holds one shot setting; give a single --shots "
@@ -309,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "config's episodes.test_shots)")  # fmt: skip
     evaluate.add_argument("--episodes", type=int, help="test episodes per shot (default: the "
                           "config's episodes.test_episodes)")  # fmt: skip
-    evaluate.add_argument("--manifest", help="frozen episodes to replay ('{shot}' is replaced)")
+    evaluate.add_argument("--manifest", help="frozen episodes to replay ('{shot}' is replaced; "
+                          "default: the config's episodes.manifest)")  # fmt: skip
     evaluate.add_argument("--compare", metavar="OTHER", help="a second checkpoint scored on the "
                           "same episodes; reports the paired difference ± CI")  # fmt: skip
     evaluate.add_argument("--json", help="where to write the results (default: "

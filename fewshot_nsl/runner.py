@@ -391,6 +391,9 @@ class MetaTrainer:
         train_split = self.split("train")
         for name in ("val", "test"):  # fail now, not after training, if a split is missing
             self.split(name)
+        if config["episodes"]["manifest"]:  # ... or a test manifest does not fit
+            for shot in config["episodes"]["test_shots"]:
+                test_source(config, self.split("test"), shot, 1, config["episodes"]["manifest"])
         seed_everything(train["seed"])
         self.learner = build_model(config, in_channels=train_split.image_shape[0]).to(self.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=train["lr"])
@@ -553,7 +556,7 @@ class MetaTrainer:
                 + (" (best)" if improved else "")
             )
             if self.show_bar:
-                bar.write(message)
+                bar.write(message, file=sys.stderr)
             elif not self.quiet:
                 self._log(message)
         if improved:
@@ -602,11 +605,6 @@ class MetaTrainer:
         """Setup (or resume), train, test; write and return ``results.json``'s payload."""
         started = time.perf_counter()
         self.setup(resume=resume)
-        results_path = self.run_dir.file(RunDir.RESULTS)
-        if resume and results_path.is_file() and self.step == self.config["train"]["steps"]:
-            finished = self.run_dir.read_json(RunDir.RESULTS)
-            if finished.get("steps") == self.step:  # nothing left to do: keep its results
-                return finished
         self.train()
         tests = self.test()
         results = self.results(tests, time.perf_counter() - started)

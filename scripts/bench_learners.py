@@ -4,13 +4,14 @@ Each configuration is a learner built through ``build_learner`` (Conv-4-32, 5-wa
 15 queries per class, 5 inner steps, 84×84×3 images unless ``--quick``). A meta-step is
 ``meta_loss`` + ``backward`` + an Adam step on one episode. The configurations are timed in
 interleaved rounds (round r times every configuration once), so that a load change on a
-shared machine hits all of them alike; the table reports, per configuration, the best (min)
-and the median time per meta-step and their ratios to plain MAML of the same order. On a
-machine shared with other jobs the min is the steadier estimate of the intrinsic cost (load
-only ever adds time); both are printed. ``--threads`` (default 1) fixes the intra-op threads:
-on an oversubscribed machine two OpenMP threads per process mostly wait on each other. A
-separate, untimed pass reports the memory the autograd graph holds after the inner loop
-(``SavedTensorMeter``; CUDA peak when on a GPU).
+shared machine hits all of them alike. The table reports, per configuration, the best (min)
+and median time per meta-step, and the ratio to plain MAML of the same order as the median
+over rounds of the *paired* ratio (time in round r / MAML's time in round r): a pair runs
+seconds apart, under nearly the same load, which makes it far steadier than a ratio of two
+separately summarised timings on a machine shared with other jobs. ``--threads`` (default
+1) fixes the intra-op threads: on an oversubscribed machine two OpenMP threads per process
+mostly wait on each other. A separate, untimed pass reports the memory the autograd graph
+holds after the inner loop (``SavedTensorMeter``; CUDA peak when on a GPU).
 
     python scripts/bench_learners.py            # 84×84, 5 rounds
     python scripts/bench_learners.py --quick    # 32×32, 3 rounds
@@ -148,27 +149,29 @@ def main() -> None:
             learner.profile_memory = True
             learner.meta_loss(episodes[0])
             learner.profile_memory = False
-            results[(name, first_order)] = (min(times), statistics.median(times),
-                                            learner.memory_profile[-1])
+            results[(name, first_order)] = (times, learner.memory_profile[-1])
 
-    print("\n| learner | order | ms / meta-step (min / median) | meta-steps / s (min) "
-          "| × MAML, min (median) | target | graph memory after inner loop |")
+    print("\n| learner | order | ms / meta-step (min / median) | meta-steps / s (median) "
+          "| × MAML: median paired ratio [min–max] | target | graph memory after inner loop |")
     print("|---|---|---:|---:|---:|---|---:|")
     for first_order in (False, True):
         base = results.get(("maml", first_order))
         for name, _, _ in configs:
-            best, median, memory = results[(name, first_order)]
+            times, memory = results[(name, first_order)]
+            best, median = min(times), statistics.median(times)
             ratio, verdict = "-", "-"
             if base is not None:
-                ratio = f"{best / base[0]:.2f} ({median / base[1]:.2f})"
+                paired = [t / b for t, b in zip(times, base[0])]
+                central = statistics.median(paired)
+                ratio = f"{central:.2f} [{min(paired):.2f}–{max(paired):.2f}]"
                 target = TARGETS.get(name)
                 if target is not None:
-                    verdict = f"≤ {target} {'met' if best / base[0] <= target else 'MISSED'}"
+                    verdict = f"≤ {target} {'met' if central <= target else 'MISSED'}"
             held = f"{memory.saved_bytes / 2**20:.1f} MiB"
             if memory.cuda_peak_bytes is not None:
                 held += f" (CUDA peak {memory.cuda_peak_bytes / 2**20:.1f} MiB)"
             print(f"| {name} | {'first' if first_order else 'second'} | "
-                  f"{best * 1e3:.0f} / {median * 1e3:.0f} | {1 / best:.2f} | {ratio} | "
+                  f"{best * 1e3:.0f} / {median * 1e3:.0f} | {1 / median:.2f} | {ratio} | "
                   f"{verdict} | {held} |")
 
 

@@ -57,8 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iterations", type=int, default=150, help="training iterations each")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.02,
-                        help="0.1 at batch 128 (the recipe) is unstable this early at batch 32")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--warmup", type=int, default=30,
+                        help="linear warm-up iterations (short runs stall at chance without)")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=30)
@@ -73,7 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     if args.quick:
-        args.iterations, args.batch_size, args.classes = 5, 16, 4
+        args.iterations, args.batch_size, args.classes, args.warmup = 5, 16, 4, 0
         args.train_per_class, args.test_per_class, args.image_size = 8, 4, 16
         args.widths, args.speed_batch, args.rounds, args.repeats = [8, 8, 16], 8, 3, 1
     return args
@@ -85,7 +86,8 @@ def config_for(conv: dict, args: argparse.Namespace) -> dict:
             "model": {"backbone": "cnn9", "conv": conv,
                       "backbone_options": {"widths": args.widths, "root_width": args.widths[0]}},
             "train": {"iterations": args.iterations, "batch_size": args.batch_size,
-                      "lr": args.lr, "lr_milestones": [], "device": "cpu", "eval_every": 0,
+                      "lr": args.lr, "warmup_iterations": args.warmup, "lr_milestones": [],
+                      "device": "cpu", "eval_every": 0,
                       "checkpoint_every": 0, "log_every": max(1, args.iterations)},
             "eval": {"speed_rounds": 0},
         },
@@ -143,7 +145,8 @@ def main() -> int:
           f"shared with other jobs")
     print(f"data: synthetic glyphs {data.image_shape}, {data.num_classes} classes, "
           f"{len(data.train_labels)} train / {len(data.test_labels)} test; CNN-9 widths "
-          f"{args.widths}; {args.iterations} iterations of batch {args.batch_size}\n")
+          f"{args.widths}; {args.iterations} iterations of batch {args.batch_size}, lr "
+          f"{args.lr}, warm-up {args.warmup}\n")
     print("| model | test error | params | NSL params | train s/iter (x plain) "
           "| inference img/s | time x plain (median) |")
     print("|---|---|---|---|---|---|---|")

@@ -14,6 +14,7 @@ from fewshot_nsl.backbones import (
     CNN9,
     Conv4,
     ResNet12,
+    backbone_options,
     build_backbone,
     feature_dim,
     list_backbones,
@@ -33,6 +34,17 @@ SMALL = {
     "resnet12": ({"widths": (4, 6, 8, 10)}, 16),
     "cnn9": ({"widths": (4, 6, 8), "root_width": 4}, 16),
 }
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than two that synchronise, and
+    keeps the suite quick on a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def count(module: nn.Module, layer_type: type) -> int:
@@ -70,6 +82,11 @@ def test_every_factory_conv_becomes_nsl(name: str, factory_convs: int, plain_con
     assert count(dynamic, DynamicNSLConv2d) == factory_convs
     # static NSL layers hold no nn.Conv2d: what is left plain is exactly the non-factory convs
     assert count(static, nn.Conv2d) == plain_convs
+
+
+def test_backbone_options_lists_defaults() -> None:
+    assert backbone_options("conv4") == {"filters": 32, "image_size": 84, "pool": "flatten"}
+    assert backbone_options(lambda **anything: nn.Identity()) is None
 
 
 def test_conv4_reference_sizes() -> None:
@@ -110,7 +127,7 @@ def test_errors_name_the_problem() -> None:
         build_backbone("fewshot_nsl.backbones:missing", in_channels=3)
     with pytest.raises(ValueError, match="filters"):
         build_backbone("conv4", in_channels=3, filters=0)
-    with pytest.raises(ValueError, match="bad options"):
+    with pytest.raises(ValueError, match="unknown option.*'depth'.*allowed options.*'filters'"):
         build_backbone("conv4", in_channels=3, depth=5)
     with pytest.raises(ValueError, match="ConvSpec.kind"):
         build_backbone("conv4", in_channels=3, conv={"kind": "nsl"})

@@ -206,3 +206,26 @@ def test_console_entry_point_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "fewshot_nsl.cli", "list", "backbones"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0 and "conv4" in result.stdout
+
+
+def test_eval_replays_a_manifest(tiny: Path, tmp_path: Path, capsys) -> None:
+    from episodes import EpisodeSampler, build_split, save_manifest
+
+    out = tmp_path / "run"
+    assert run_cli(capsys, "train", "--config", str(tiny), "--out", str(out), "--quiet",
+                   "train.steps=1", "train.val_every=0", "episodes.test_shots=[1]")[0] == 0
+    split = build_split("synthetic", "test", image_size=16, images_per_class=8,
+                        num_classes={"train": 10, "val": 6, "test": 6})
+    sampler = EpisodeSampler(split, 3, 1, 2, seed=5, num_episodes=3)
+    save_manifest(tmp_path / "test_1shot.json", sampler, 3)
+    status, stdout, stderr = run_cli(
+        capsys, "eval", "--checkpoint", str(out / "last.pt"), "--shots", "1",
+        "--manifest", str(tmp_path / "test_{shot}shot.json"), "--json", str(tmp_path / "m.json"),
+    )  # fmt: skip
+    assert status == 0, stderr
+    test = json.loads((tmp_path / "m.json").read_text())["models"]["tiny"]["test"]["1"]
+    assert test["episodes"] == 3 and test["source"].startswith("manifest")
+    # A manifest of another shot setting is refused, naming both values.
+    status, _, stderr = run_cli(capsys, "eval", "--checkpoint", str(out / "last.pt"),
+                                "--shots", "5", "--manifest", str(tmp_path / "test_1shot.json"))
+    assert status == 2 and "shot" in stderr

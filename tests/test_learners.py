@@ -25,6 +25,16 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WAY = 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster than two that synchronise, and
+    keeps the suite quick on a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 class Flatten(nn.Module):
     """Parameter-free backbone: features are the flattened pixels."""
 

@@ -226,6 +226,74 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None
     assert any(not torch.equal(start[name], a[name]) for name in a)
 
 
+DROPOUT_BACKBONE = """
+import torch
+from torch import nn
+
+
+class DropoutNet(nn.Module):
+    def __init__(self, conv_factory, in_channels, filters=4):
+        super().__init__()
+        self.conv = conv_factory(in_channels, filters, 3, padding=1)
+        self.drop = nn.Dropout(0.5)  # draws from the global torch RNG in every training pass
+        self.out_features = filters
+
+    def forward(self, x):
+        return self.drop(torch.relu(self.conv(x))).mean(dim=(2, 3))
+
+
+def build(*, conv_factory, in_channels, **options):
+    return DropoutNet(conv_factory, in_channels, **options)
+"""
+
+
+def _interrupt_at(trainer: MetaTrainer, step: int) -> None:
+    """Make ``trainer`` die (like a kill) when it starts outer step ``step``."""
+    original = trainer.meta_step
+
+    def meta_step(current: int) -> tuple[float, float]:
+        if current == step:
+            raise KeyboardInterrupt
+        return original(current)
+
+    trainer.meta_step = meta_step  # type: ignore[method-assign]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restore_rng", [True, False])
+def test_killed_run_resumes_bit_identically_with_dropout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_rng: bool
+) -> None:
+    """A dropout backbone (global RNG) killed mid-run at step 4 and resumed from its step-3
+    checkpoint ends bit-identical to an uninterrupted run — and, as a control that the test can
+    fail, does not when the RNG state is not restored."""
+    (tmp_path / "dropout_backbone.py").write_text(DROPOUT_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tiny_config(
+        "episodes.test_shots=[1]", "episodes.test_episodes=1", "episodes.val_episodes=2",
+        model={"backbone": "dropout_backbone:build", "backbone_options": {"filters": 4}},
+    )  # fmt: skip
+    MetaTrainer(config, tmp_path / "full", quiet=True).fit()
+
+    killed = MetaTrainer(config, tmp_path / "killed", quiet=True)
+    _interrupt_at(killed, 4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3
+    torch.manual_seed(4321)  # the new process's RNGs are elsewhere
+    if not restore_rng:
+        monkeypatch.setattr("fewshot_nsl.runner.restore_rng_state", lambda state: None)
+    MetaTrainer(config, tmp_path / "killed", quiet=True).fit(resume=True)
+
+    a = _parameters(tmp_path / "full" / "last.pt")
+    b = _parameters(tmp_path / "killed" / "last.pt")
+    identical = all(torch.equal(a[name], b[name]) for name in a)
+    assert identical == restore_rng
+    if restore_rng:
+        steps = [r["step"] for r in RunDir(tmp_path / "killed").metrics() if r["event"] == "train"]
+        assert steps == [2, 4, 6]  # step 4 of the killed run was dropped, then re-logged
+
+
 @pytest.mark.slow
 def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
     results = MetaTrainer(tiny_config(), tmp_path, quiet=True).fit()
@@ -302,3 +370,24 @@ def test_bad_learner_options_surface_as_config_errors(tmp_path: Path) -> None:
     config["model"]["conv"] = {"kind": "plain"}
     with pytest.raises(ConfigError, match=r"learner/model: .*static"):
         MetaTrainer(config, tmp_path, quiet=True).setup()
+
+
+def test_progress_bar_path_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """With a terminal, progress goes through tqdm (bar with loss/acc, val lines above it)."""
+    monkeypatch.setattr("fewshot_nsl.runner._progress_enabled", lambda quiet: not quiet)
+    config = tiny_config("train.steps=3", "episodes.test_shots=[1]", "episodes.test_episodes=2")
+    MetaTrainer(config, tmp_path, quiet=False).fit()
+    err = capsys.readouterr().err
+    assert "train tiny" in err and "loss=" in err and "val acc" in err
+
+
+def test_a_test_manifest_that_does_not_fit_fails_before_training(tmp_path: Path) -> None:
+    from episodes import EpisodeSampler, save_manifest
+
+    config = tiny_config(episodes={"manifest": str(tmp_path / "m.json")})  # shots 1 and 5
+    trainer = MetaTrainer(config, tmp_path / "run", quiet=True)
+    save_manifest(tmp_path / "m.json", EpisodeSampler(trainer.split("test"), 3, 1, 2, seed=0), 2)
+    with pytest.raises(ValueError, match="shot"):
+        trainer.setup()
+    assert trainer.step == 0 and not (tmp_path / "run" / "last.pt").exists()

@@ -4,6 +4,7 @@ from fewshot_nsl.backbones.cnn9 import CNN9
 from fewshot_nsl.backbones.conv4 import Conv4
 from fewshot_nsl.backbones.registry import (
     ConvFactoryLike,
+    backbone_options,
     build_backbone,
     feature_dim,
     list_backbones,
@@ -17,6 +18,7 @@ __all__ = [
     "Conv4",
     "ConvFactoryLike",
     "ResNet12",
+    "backbone_options",
     "build_backbone",
     "feature_dim",
     "list_backbones",

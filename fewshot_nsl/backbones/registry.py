@@ -14,6 +14,7 @@ without being edited. The returned module maps images ``(B, C, H, W)`` to featur
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -115,6 +116,25 @@ def make_conv_factory(conv: Any = None) -> ConvFactoryLike:
     return ConvFactory(spec)
 
 
+def backbone_options(backbone: str | BackboneConstructor) -> dict[str, Any] | None:
+    """The options (keyword arguments besides ``conv_factory``/``in_channels``) of a backbone
+    (a name as for :func:`build_backbone`, or a constructor) with their defaults, or None when
+    it takes ``**kwargs`` (anything goes)."""
+    constructor = _resolve(backbone) if isinstance(backbone, str) else backbone
+    try:
+        parameters = inspect.signature(constructor).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in ("conv_factory", "in_channels")
+        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    }
+
+
 def build_backbone(name: str, *, in_channels: int, conv: Any = None, **options: Any) -> nn.Module:
     """Build backbone ``name`` with all its (NSL-able) convolutions from one conv factory.
 
@@ -131,6 +151,12 @@ def build_backbone(name: str, *, in_channels: int, conv: Any = None, **options: 
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     constructor = _resolve(name)
+    allowed = backbone_options(constructor)
+    if allowed is not None and set(options) - set(allowed):
+        raise ValueError(
+            f"unknown option(s) {sorted(set(options) - set(allowed))} for backbone {name!r}; "
+            f"allowed options: {sorted(allowed)}"
+        )
     factory = make_conv_factory(conv)
     try:
         backbone = constructor(conv_factory=factory, in_channels=in_channels, **options)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
-from fewshot_nsl.nn import DynamicNSLConv2d, NSLConv2d, fold_model
+from fewshot_nsl.nn import DynamicNSLConv2d, fold_model
 from fewshot_nsl.runlog import atomic_write
 from fewshot_nsl.supervised.model import model_from_config
 
@@ -74,15 +74,15 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any
     return model.eval(), config
 
 
-def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = True) -> Path:
+def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = False) -> Path:
     """Write the classifier of ``checkpoint`` as an exported program to ``out``; returns it.
 
     Args:
         checkpoint: a checkpoint written by ``fewshot-nsl train-supervised``.
         out: the ``.pt2`` file to write (parent folders are created).
-        fold: fold static NSL layers into plain convolutions. Required for a plain-CNN export;
-            a network with dynamic NSL layers or ``normalize="sphere"`` cannot be folded and
-            raises ``ValueError``.
+        fold: fold static NSL layers into plain convolutions (``--fold``): the file is then a
+            plain CNN. A network with dynamic NSL layers or ``normalize="sphere"`` cannot be
+            folded and raises ``ValueError``; without ``fold`` every layer is exported as is.
     """
     model, config = load_trained_model(checkpoint)
     data = config["data"]
@@ -93,10 +93,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = True) 
                 f"--fold: the network has dynamic NSL layers ({dynamic[0]}, ...) whose M depends "
                 "on the input; only static NSNs fold into a plain CNN (export without --fold)"
             )
-        model = fold_model(model)
-        remaining = [name for name, m in model.named_modules() if isinstance(m, NSLConv2d)]
-        if remaining:  # fold_model folds every NSLConv2d or raises; this guards that contract
-            raise RuntimeError(f"layers left unfolded: {remaining}")
+        model = fold_model(model)  # raises for normalize="sphere" layers (not foldable)
     wrapped = NormalizedClassifier(model, data["mean"], data["std"]).eval()
     example = torch.rand(2, *data["image_shape"], generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)

@@ -105,7 +105,7 @@ def run_supervised(
         resume: continue from ``last.pt`` of the run directory if there is one; the continued
             run is the same as an uninterrupted one (batches and augmentation are functions
             of the iteration).
-        progress: a tqdm bar when stderr is a terminal.
+        progress: a tqdm bar when stderr is a terminal, else one line per log record.
         data: preloaded data (else loaded from ``config["data"]``).
         log: where one-line messages go (default: stderr).
     """
@@ -121,13 +121,19 @@ def run_supervised(
         run_dir.write_meta(data={"train+test": trainer.data.fingerprint})
     run_dir.write_config(trainer.config)
 
+    show_bar = progress and sys.stderr.isatty()
+
     def on_log(record: dict[str, Any]) -> None:
         record = dict(record)
         event = "test" if "test_error" in record else "train"
-        run_dir.log(event, record.pop("iteration"), **record)
+        step = record.pop("iteration")
+        run_dir.log(event, step, **record)
+        if progress and not show_bar:  # a log file, not a terminal: one line per record
+            values = ", ".join(f"{key} {value:.4g}" for key, value in record.items())
+            log(f"iteration {step}/{trainer.config['train']['iterations']}: {values}")
 
     trainer.train(
-        progress=progress and sys.stderr.isatty(),
+        progress=show_bar,
         on_log=on_log,
         on_checkpoint=lambda t: save_trainer_checkpoint(t, checkpoint),
     )
