@@ -170,8 +170,6 @@ def _check_device(value: str) -> str:
     raise ValueError(f"got {value!r}; allowed: {DEVICES_HINT}")
 
 
-POSITIVE = Field(1, check=_positive_int)
-
 FEWSHOT_DEFAULTS: dict[str, Any] = {
     "name": Field(None, types=(str, None)),
     "data": {

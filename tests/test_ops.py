@@ -157,6 +157,68 @@ def test_gradgradcheck_torch_path(granularity, diagonal, monkeypatch):
     assert torch.autograd.gradgradcheck(op, (x, weight, M))
 
 
+SAMPLE_PATHS = {
+    "unfold": bilinear_module._sample_unfold_torch,
+    "grouped": bilinear_module._sample_grouped_torch,
+}
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLE_PATHS))
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_every_sample_path_matches_reference(path, diagonal, geometry):
+    """Both per-sample formulations are exact on every geometry, whichever the chooser picks."""
+    channels, out_ch, kernel, stride, padding, dilation, batch = geometry
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, channels, 9, 8, dtype=DTYPE, generator=gen)
+    weight = torch.randn(out_ch, channels, kh, kw, dtype=DTYPE, generator=gen)
+    geom = canonical_geometry((kh, kw), stride, padding, dilation)
+    M = random_m("sample", diagonal, batch, channels, kh * kw, (1, 1), gen)
+    expected = bilinear_conv2d_reference(x, weight, M, *geom, "sample", diagonal)
+    out = SAMPLE_PATHS[path](x, weight, M, *geom, diagonal)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_sample_chooser_takes_unfold_on_small_maps(diagonal, monkeypatch):
+    """Output maps with no more locations than filters go to the unfold path (and stay exact)."""
+    assert bilinear_module._sample_prefers_unfold(32, (4, 4))
+    assert not bilinear_module._sample_prefers_unfold(32, (8, 8))
+    calls = []
+    real = bilinear_module._sample_unfold_torch
+    monkeypatch.setattr(
+        bilinear_module,
+        "_sample_unfold_torch",
+        lambda *args: calls.append(args[1].shape) or real(*args),
+    )
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 4, 4, dtype=DTYPE, generator=gen)
+    weight = torch.randn(20, 4, 3, 3, dtype=DTYPE, generator=gen)
+    bias = torch.randn(20, dtype=DTYPE, generator=gen)
+    M = random_m("sample", diagonal, 3, 4, 9, (4, 4), gen)
+    out = bilinear_conv2d(x, weight, M, bias, 1, 1, granularity="sample", diagonal=diagonal)
+    assert calls == [weight.shape]
+    expected = bilinear_conv2d_reference(x, weight, M, (1, 1), (1, 1), (1, 1), "sample", diagonal)
+    torch.testing.assert_close(out, expected + bias.view(1, -1, 1, 1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLE_PATHS))
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_sample_paths_gradcheck_and_gradgradcheck(path, diagonal):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2, 3, 3, dtype=DTYPE, generator=gen, requires_grad=True)
+    weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
+    M = random_m("sample", diagonal, 2, 2, 4, (2, 2), gen).requires_grad_()
+
+    def op(x, weight, M):
+        return SAMPLE_PATHS[path](x, weight, M, (1, 1), (0, 0), (1, 1), diagonal)
+
+    assert torch.autograd.gradcheck(op, (x, weight, M))
+    assert torch.autograd.gradgradcheck(op, (x, weight, M))
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_identity_reproduces_conv2d(granularity):
     gen = torch.Generator().manual_seed(3)

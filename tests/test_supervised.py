@@ -358,7 +358,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, glyphs):
 
 @pytest.mark.slow
 def test_folded_export_predicts_identically_without_the_package(tmp_path, glyphs):
-    config = tiny_config(VARIANTS["static_disjoint"], iterations=20)
+    config = tiny_config(VARIANTS["static_disjoint"], iterations=5)
     results = run_supervised(config, out_dir=tmp_path / "run", progress=False, data=glyphs)
     # results.json: error, parameter counts, images/s for the model and its folded copy.
     saved = json.loads((tmp_path / "run" / "results.json").read_text())

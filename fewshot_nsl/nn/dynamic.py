@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewshot_nsl.nn.functional import patch_norm
+from fewshot_nsl.nn.functional import PATCH_NORM_EPS, patch_norm
 from fewshot_nsl.nn.static import _check_choice, reset_conv_parameters
 from fewshot_nsl.ops import bilinear_conv2d, canonical_geometry
 from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
@@ -18,9 +18,25 @@ DYNAMIC_SIMILARITIES = ("diagonal", "full")
 DYNAMIC_GRANULARITIES = ("location", "sample")
 #: The per-sample predictor first average-pools its input to at most this many cells per side,
 #: so its cost does not grow with the feature map (one M per image needs no fine detail).
-SAMPLE_POOL = 8
+SAMPLE_POOL = 4
 FIRST_SCALE = 0.1  # He init scaled by 0.1 (first conv) and 0.001 (head), as the authors do
 HEAD_SCALE = 0.001
+
+
+def _same_patch_rnorm(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
+    """``1 / patch_norm(x, kernel_size, padding="same")``, ``(B, 1, H, W)``, in fewer ops.
+
+    For odd kernels the zero-padded window sum of ``sum_c x^2`` is an ``avg_pool2d`` with
+    divisor 1: cheaper than ``patch_norm``'s one-channel convolution on the small pooled maps
+    the per-sample predictor sees. Even kernels (asymmetric "same" padding) use
+    ``patch_norm`` itself.
+    """
+    kh, kw = kernel_size
+    if kh % 2 == 0 or kw % 2 == 0:
+        return patch_norm(x, kernel_size, padding="same").reciprocal()
+    squares = x.square().sum(dim=1, keepdim=True)
+    window = F.avg_pool2d(squares, kernel_size, 1, (kh // 2, kw // 2), divisor_override=1)
+    return (window + PATCH_NORM_EPS).rsqrt()
 
 
 class SimilarityPredictor(nn.Module):
@@ -99,9 +115,9 @@ class SimilarityPredictor(nn.Module):
         dilation: tuple[int, int],
     ) -> Tensor:
         """``M`` for a main conv with this canonical geometry (see the class docstring)."""
-        x = x / patch_norm(x, self.kernel_size, padding="same")
         batch = x.shape[0]
         if self.granularity == "location":
+            x = x / patch_norm(x, self.kernel_size, padding="same")
             h = F.conv2d(x, self.conv1.weight, self.conv1.bias, stride, padding, dilation)
             delta = self.head(F.relu(self.norm(h)))  # (B, outputs, H_out, W_out)
             h_out, w_out = delta.shape[2:]
@@ -112,8 +128,11 @@ class SimilarityPredictor(nn.Module):
                 delta = delta.permute(0, 3, 4, 1, 2)
         else:
             cells = (min(x.shape[2], SAMPLE_POOL), min(x.shape[3], SAMPLE_POOL))
-            pooled = F.adaptive_avg_pool2d(x, cells)
-            h = F.conv2d(pooled, self.conv1.weight, self.conv1.bias, padding="same")
+            if cells != tuple(x.shape[2:]):
+                x = F.adaptive_avg_pool2d(x, cells)
+            # Patch-normalise the pooled map: the same work at <= SAMPLE_POOL^2 cells.
+            x = x * _same_patch_rnorm(x, self.kernel_size)
+            h = F.conv2d(x, self.conv1.weight, self.conv1.bias, padding="same")
             features = F.relu(self.norm(h)).mean(dim=(2, 3))
             delta = self.head(features)
             if not self.diagonal:

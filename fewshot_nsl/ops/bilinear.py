@@ -22,10 +22,13 @@ Paths
 -----
 * :func:`bilinear_conv2d_reference`: ``F.unfold`` + ``einsum`` for every granularity; slow and
   obviously correct (every fast path is tested against it in float64).
-* :func:`bilinear_conv2d_torch`: the fast pure-PyTorch paths. ``shared``/``channel`` and
-  ``sample`` fold ``M`` into an effective kernel (one ``F.conv2d``, grouped over the batch for
-  ``sample``); ``location`` mixes the unfolded taps per output location and contracts them
-  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order).
+* :func:`bilinear_conv2d_torch`: the fast pure-PyTorch paths. ``shared``/``channel`` fold
+  ``M`` into an effective kernel (one ``F.conv2d``); ``sample`` either folds it into one
+  kernel per image (one ``F.conv2d`` grouped over the batch) or, for small output maps,
+  mixes the unfolded taps per image and contracts them in one 1x1 convolution
+  (:func:`_sample_prefers_unfold` picks by layer shape); ``location`` mixes the unfolded
+  taps per output location and contracts them with ``W`` in one 1x1 convolution (see
+  :func:`_location_torch` for why this order).
 * the CUDA kernel in :mod:`fewshot_nsl.ops.cuda` (``sample``/``location`` only), used when the
   input is on a GPU and the extension built.
 
@@ -257,7 +260,8 @@ def effective_weight(weight: Tensor, M: Tensor | None, granularity: str, diagona
         eff = flat * M if diagonal else (flat.unsqueeze(2) @ M).squeeze(2)
     elif granularity == "sample":
         if diagonal:
-            eff = flat.unsqueeze(0) * M[:, None, None, :]
+            # (1, O*C, HV) * (B, 1, HV): fewer broadcast dimensions vectorise better.
+            eff = flat.reshape(1, out_ch * channels, kh * kw) * M.unsqueeze(1)
         else:
             eff = torch.einsum("ock,bkq->bocq", flat, M)
         return eff.reshape(M.shape[0], out_ch, channels, kh, kw)
@@ -308,6 +312,94 @@ def _location_torch(
     return F.conv2d(mixed, weight.reshape(out_ch, channels * taps, 1, 1))
 
 
+def _sample_prefers_unfold(out_channels: int, out_hw: tuple[int, int]) -> bool:
+    """Whether the per-sample op should take the unfold path for this layer shape.
+
+    Both per-sample paths do the convolution's ``B * O * C * HV * L`` multiply-adds
+    (``L = H_out * W_out``); they differ in the extra per-image tensor they build and
+    differentiate: the grouped conv materialises ``B`` effective kernels (``B * O * C * HV``
+    numbers), the unfold path ``B`` tap stacks (``B * C * HV * L``). So unfold is the lighter
+    one when the output map has no more locations than the layer has filters, which is where
+    a grouped conv (one small group per image) is also least efficient. Measured on a 2-core
+    CPU (Conv-4-32, 5-way, second-order MAML): 4x4 maps faster by unfold, 8x8 and larger
+    by the grouped conv (docs/benchmarks/ops.md).
+    """
+    return out_hw[0] * out_hw[1] <= out_channels
+
+
+def _sample_torch(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    diagonal: bool,
+) -> Tensor:
+    """Per-sample ``M`` by the cheaper exact path for this shape; ``bias`` fused in its conv."""
+    out_hw = output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if _sample_prefers_unfold(weight.shape[0], out_hw):
+        return _sample_unfold_torch(x, weight, M, stride, padding, dilation, diagonal, bias)
+    return _sample_grouped_torch(x, weight, M, stride, padding, dilation, diagonal, bias)
+
+
+def _sample_unfold_torch(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    diagonal: bool,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Per-sample ``M`` on the input side: unfold the taps, mix them with ``M_b``, contract.
+
+    ``x~[b, c, k, l] = sum_k' M[b, k, k'] x[b, c, k', l]`` (diagonal: one broadcast multiply),
+    then one 1x1 convolution over the ``C * HV`` mixed channels, shared by the whole batch.
+    """
+    batch, channels = x.shape[:2]
+    out_ch, _, kh, kw = weight.shape
+    taps = kh * kw
+    h_out, w_out = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.view(batch, channels, taps, h_out * w_out)
+    if diagonal:
+        mixed = cols * M.view(batch, 1, taps, 1)
+    else:
+        mixed = torch.matmul(M.unsqueeze(1), cols)  # (B, 1, k, k') @ (B, C, k', L)
+    mixed = mixed.reshape(batch, channels * taps, h_out, w_out)
+    return F.conv2d(mixed, weight.reshape(out_ch, channels * taps, 1, 1), bias)
+
+
+def _sample_grouped_torch(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    diagonal: bool,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Per-sample ``M`` folded into per-image kernels, applied by one conv grouped over ``B``."""
+    batch, channels, height, width = x.shape
+    eff = effective_weight(weight, M, "sample", diagonal)  # (B, O, C, kh, kw)
+    out_ch = weight.shape[0]
+    # One grouped conv: image b is group b, convolved with its own kernel.
+    out = F.conv2d(
+        x.reshape(1, batch * channels, height, width),
+        eff.reshape(batch * out_ch, channels, *weight.shape[2:]),
+        None if bias is None else bias.repeat(batch),
+        stride,
+        padding,
+        dilation,
+        groups=batch,
+    )
+    return out.view(batch, out_ch, *out.shape[2:])
+
+
 def bilinear_conv2d_torch(
     x: Tensor,
     weight: Tensor,
@@ -323,20 +415,7 @@ def bilinear_conv2d_torch(
         eff = effective_weight(weight, M, granularity, diagonal)
         return F.conv2d(x, eff, None, stride, padding, dilation)
     if granularity == "sample":
-        batch, channels, height, width = x.shape
-        eff = effective_weight(weight, M, granularity, diagonal)  # (B, O, C, kh, kw)
-        out_ch = weight.shape[0]
-        # One grouped conv: image b is group b, convolved with its own kernel.
-        out = F.conv2d(
-            x.reshape(1, batch * channels, height, width),
-            eff.reshape(batch * out_ch, channels, *weight.shape[2:]),
-            None,
-            stride,
-            padding,
-            dilation,
-            groups=batch,
-        )
-        return out.view(batch, out_ch, *out.shape[2:])
+        return _sample_torch(x, weight, M, None, stride, padding, dilation, diagonal)
     return _location_torch(x, weight, M, stride, padding, dilation, diagonal)
 
 
@@ -459,6 +538,8 @@ def bilinear_conv2d(
             # A single conv: let F.conv2d fuse the bias.
             eff = effective_weight(weight, M, granularity, diagonal)
             return F.conv2d(x, eff, bias, stride_p, padding_p, dilation_p)
+        if granularity == "sample":  # the bias rides in the path's convolution
+            return _sample_torch(x, weight, M, bias, stride_p, padding_p, dilation_p, diagonal)
         out = bilinear_conv2d_torch(
             x, weight, M, stride_p, padding_p, dilation_p, granularity, diagonal
         )
