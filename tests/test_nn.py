@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fewshot_nsl.nn.dynamic as dynamic_module
 from fewshot_nsl.nn import (
     ConvFactory,
     ConvSpec,
@@ -306,3 +307,49 @@ def test_shared_predictor_must_match_layer():
         DynamicNSLConv2d(3, 4, 3, granularity="location", predictor=shared)
     with pytest.raises(ValueError, match="kernel_size"):
         DynamicNSLConv2d(3, 4, 5, granularity="sample", predictor=shared)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 1), (2, 2)])
+def test_sample_predictor_patch_rnorm_matches_patch_norm(kernel):
+    x = torch.randn(3, 4, 4, 5, dtype=DTYPE)
+    expected = 1.0 / patch_norm(x, kernel, padding="same")
+    torch.testing.assert_close(
+        dynamic_module._same_patch_rnorm(x, kernel), expected, rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("size", [(16, 16), (21, 10), (4, 4), (8, 12)])
+def test_sample_predictor_pool_matches_adaptive_pool(size):
+    x = torch.randn(2, 3, *size, dtype=DTYPE)
+    cells = (min(size[0], 4), min(size[1], 4))
+    torch.testing.assert_close(
+        dynamic_module._average_pool(x, cells),
+        F.adaptive_avg_pool2d(x, cells),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("similarity", ["diagonal", "full"])
+@pytest.mark.parametrize("size", [16, 21, 3])
+def test_sample_predictor_pools_then_patch_normalises(similarity, size):
+    """The per-sample M is: pool to <= SAMPLE_POOL cells, patch-normalise, conv1, [BN], ReLU,
+    global mean, linear head, + identity (the order the SimilarityPredictor docstring states)."""
+    torch.manual_seed(10)
+    predictor = SimilarityPredictor(5, 3, similarity, "sample", hidden=6).double()
+    with torch.no_grad():
+        predictor.head.weight.mul_(100.0)
+    x = torch.randn(4, 5, size, size, dtype=DTYPE)
+    cells = min(size, dynamic_module.SAMPLE_POOL)
+    pooled = F.adaptive_avg_pool2d(x, cells)
+    normed = pooled / patch_norm(pooled, (3, 3), padding="same")
+    h = F.conv2d(normed, predictor.conv1.weight, predictor.conv1.bias, padding=1)
+    if similarity == "diagonal":  # BatchNorm by default, training mode: batch statistics
+        h = F.batch_norm(h, None, None, predictor.norm.weight, predictor.norm.bias, True)
+    delta = predictor.head(F.relu(h).mean(dim=(2, 3)))
+    if similarity == "diagonal":
+        expected = delta + 1.0
+    else:
+        expected = delta.view(4, 9, 9) + torch.eye(9, dtype=DTYPE)
+    M = predictor(x, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(M, expected, rtol=1e-10, atol=1e-10)

@@ -17,10 +17,22 @@ from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
 DYNAMIC_SIMILARITIES = ("diagonal", "full")
 DYNAMIC_GRANULARITIES = ("location", "sample")
 #: The per-sample predictor first average-pools its input to at most this many cells per side,
-#: so its cost does not grow with the feature map (one M per image needs no fine detail).
+#: so its cost does not grow with the feature map (one M per image needs no fine detail). 4 (was
+#: 8): the predictor's fixed cost then stays near a 4x4 main conv's (docs/benchmarks/learners.md).
 SAMPLE_POOL = 4
 FIRST_SCALE = 0.1  # He init scaled by 0.1 (first conv) and 0.001 (head), as the authors do
 HEAD_SCALE = 0.001
+
+
+def _average_pool(x: Tensor, cells: tuple[int, int]) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, cells)``; a plain ``avg_pool2d`` (same windows, cheaper
+    backward) when the cells tile the map exactly, and nothing when they are the map."""
+    height, width = x.shape[2:]
+    if (height, width) == cells:
+        return x
+    if height % cells[0] == 0 and width % cells[1] == 0:
+        return F.avg_pool2d(x, (height // cells[0], width // cells[1]))
+    return F.adaptive_avg_pool2d(x, cells)
 
 
 def _same_patch_rnorm(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
@@ -42,17 +54,18 @@ def _same_patch_rnorm(x: Tensor, kernel_size: tuple[int, int]) -> Tensor:
 class SimilarityPredictor(nn.Module):
     """Predicts ``M`` (identity + a small learned correction) from a feature map.
 
-    ``x`` ``(B, in_channels, H, W)`` is patch-normalised (divided by its local
-    ``kh x kw`` patch norm, SphereNet-style), then:
-
-    * ``granularity="location"``: ``conv1`` (``kh x kw``, at the *main conv's* stride,
-      padding and dilation, so it lands on the layer's output grid) -> [BatchNorm] -> ReLU
-      -> ``head`` conv3x3 -> ``HV`` or ``HV^2`` outputs per location -> ``M`` of shape
-      ``(B, H_out, W_out, HV[, HV])``.
-    * ``granularity="sample"``: average-pool to at most ``SAMPLE_POOL`` cells per side ->
-      ``conv1`` (``kh x kw``, "same") -> [BatchNorm] -> ReLU -> global average -> ``head``
-      linear -> ``M`` of shape ``(B, HV[, HV])``. Cheap: its cost is independent of the
-      feature map size.
+    * ``granularity="location"``: ``x`` ``(B, in_channels, H, W)`` is patch-normalised
+      (divided by its local ``kh x kw`` patch norm, SphereNet-style), then ``conv1``
+      (``kh x kw``, at the *main conv's* stride, padding and dilation, so it lands on the
+      layer's output grid) -> [BatchNorm] -> ReLU -> ``head`` conv3x3 -> ``HV`` or ``HV^2``
+      outputs per location -> ``M`` of shape ``(B, H_out, W_out, HV[, HV])``.
+    * ``granularity="sample"``: ``x`` is first average-pooled to at most ``SAMPLE_POOL``
+      cells per side, *then* patch-normalised (the local ``kh x kw`` patch norm of the pooled
+      map, "same" padding), then ``conv1`` (``kh x kw``, "same") -> [BatchNorm] -> ReLU ->
+      global average -> ``head`` linear -> ``M`` of shape ``(B, HV[, HV])``. Pooling before
+      the normalisation (rather than after it) keeps the whole predictor at
+      ``<= SAMPLE_POOL^2`` cells, so its cost is independent of the feature map size; one
+      ``M`` per image is a function of globally pooled features either way.
 
     ``conv1`` is an ``nn.Conv2d`` for its parameters and initialisation only: it is applied
     functionally with the geometry passed to :meth:`forward`, so its own stride/padding are
@@ -128,8 +141,7 @@ class SimilarityPredictor(nn.Module):
                 delta = delta.permute(0, 3, 4, 1, 2)
         else:
             cells = (min(x.shape[2], SAMPLE_POOL), min(x.shape[3], SAMPLE_POOL))
-            if cells != tuple(x.shape[2:]):
-                x = F.adaptive_avg_pool2d(x, cells)
+            x = _average_pool(x, cells)
             # Patch-normalise the pooled map: the same work at <= SAMPLE_POOL^2 cells.
             x = x * _same_patch_rnorm(x, self.kernel_size)
             h = F.conv2d(x, self.conv1.weight, self.conv1.bias, padding="same")
