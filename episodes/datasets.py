@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from episodes.cifar import read_cifar_split
 from episodes.split import ImageSplit, channel_mean_std, content_fingerprint
 
 __all__ = [
@@ -494,47 +495,22 @@ CIFAR_FS_SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _cifar100_folder(source: Path) -> Path:
-    for folder in (source, source / "cifar-100-python"):
-        if (folder / "meta").is_file():
-            return folder
-    raise FileNotFoundError(
-        f"{source}: no CIFAR-100 python pickles (expected meta, train, test in it or in "
-        "cifar-100-python/)"
-    )
-
-
 def _load_cifar100_classes(source: Path, class_names: Sequence[str]) -> RawSplit:
-    folder = _cifar100_folder(source)
-    meta = _str_keys(_unpickle(folder / "meta"), folder / "meta")
-    if "fine_label_names" not in meta:
-        raise ValueError(
-            f"{folder / 'meta'}: missing key 'fine_label_names' (found {sorted(meta)})"
-        )
-    fine_names = [n.decode() if isinstance(n, bytes) else n for n in meta["fine_label_names"]]
+    """The images of ``class_names`` (CIFAR-100 fine classes), train and test halves pooled
+    (600 per class), relabelled ``0..len(class_names)-1`` in that order."""
+    parts = [read_cifar_split(source, "cifar100", part, strict=False) for part in ("train", "test")]
+    fine_names = parts[0][2]
     missing = [n for n in class_names if n not in fine_names]
     if missing:
+        meta = source / "cifar-100-python" / "meta"
+        meta = meta if meta.is_file() else source / "meta"
         raise ValueError(
-            f"{folder / 'meta'}: fine_label_names lacks {missing[:5]}: not CIFAR-100's class names"
+            f"{meta}: fine_label_names lacks {missing[:5]}: not CIFAR-100's class names"
         )
-    images, labels = [], []
-    for part in ("train", "test"):  # few-shot splits pool both halves: 600 images per class
-        path = folder / part
-        if not path.is_file():
-            raise FileNotFoundError(f"missing CIFAR-100 pickle {path}")
-        data = _str_keys(_unpickle(path), path)
-        for key in ("data", "fine_labels"):
-            if key not in data:
-                raise ValueError(f"{path}: missing key {key!r} (found {sorted(data)})")
-        pixels = np.asarray(data["data"], dtype=np.uint8)
-        if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: 'data' must be (N, 3072) uint8, got {pixels.shape}")
-        images.append(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(data["fine_labels"], dtype=np.int64))
-    all_images, all_labels = np.concatenate(images), np.concatenate(labels)
-    wanted = [fine_names.index(n) for n in class_names]
+    all_images = np.concatenate([images for images, _, _ in parts])
+    all_labels = np.concatenate([labels for _, labels, _ in parts])
     new_label = np.full(len(fine_names), -1, dtype=np.int64)
-    new_label[wanted] = np.arange(len(wanted))
+    new_label[[fine_names.index(n) for n in class_names]] = np.arange(len(class_names))
     mapped = new_label[all_labels]
     keep = mapped >= 0
     return RawSplit(np.ascontiguousarray(all_images[keep]), mapped[keep], list(class_names))

@@ -89,7 +89,7 @@ def _datasets() -> list[str]:
     return list(list_datasets())
 
 
-def _check_backbone(name: Any) -> str:
+def check_backbone(name: Any) -> str:
     from fewshot_nsl.backbones import list_backbones
 
     if not isinstance(name, str) or not (name in list_backbones() or ":" in name):
@@ -133,13 +133,13 @@ def _check_learner(learner: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def _positive_int(value: int) -> int:
+def positive_int(value: int) -> int:
     if value < 1:
         raise ValueError(f"must be >= 1, got {value}")
     return value
 
 
-def _non_negative_int(value: int) -> int:
+def non_negative_int(value: int) -> int:
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
     return value
@@ -152,7 +152,7 @@ def _shot_list(value: list[Any]) -> list[int]:
     return [int(v) for v in value]
 
 
-def _milestones(value: list[Any]) -> list[int]:
+def milestones(value: list[Any]) -> list[int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise ValueError(f"must be a list of steps (ints >= 0), got {value!r}")
     return sorted(int(v) for v in value)
@@ -162,7 +162,7 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
-def _check_device(value: str) -> str:
+def check_device(value: str) -> str:
     if value in ("auto", "cpu", "cuda") or (
         value.startswith("cuda:") and value[5:].isdigit()
     ):
@@ -179,36 +179,36 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "augment": False,
     },
     "episodes": {
-        "way": Field(5, check=_positive_int),
-        "shot": Field(1, check=_positive_int),
-        "query": Field(15, check=_positive_int),
-        "tasks_per_batch": Field(4, check=_positive_int),
-        "val_episodes": Field(100, check=_non_negative_int),
-        "test_episodes": Field(600, check=_positive_int),
+        "way": Field(5, check=positive_int),
+        "shot": Field(1, check=positive_int),
+        "query": Field(15, check=positive_int),
+        "tasks_per_batch": Field(4, check=positive_int),
+        "val_episodes": Field(100, check=non_negative_int),
+        "test_episodes": Field(600, check=positive_int),
         "test_shots": Field([1, 5], check=_shot_list),
-        "test_query": Field(15, check=_positive_int),
-        "eval_seed": Field(0, check=_non_negative_int),
+        "test_query": Field(15, check=positive_int),
+        "eval_seed": Field(0, check=non_negative_int),
         "manifest": Field(None, types=(str, None)),
     },
     "model": {
-        "backbone": Field("conv4", check=_check_backbone),
+        "backbone": Field("conv4", check=check_backbone),
         "backbone_options": Open({"filters": 32}),
         "conv": Open({"kind": "plain"}, check=_check_conv),
     },
     "learner": Open({"name": "maml"}, check=_check_learner, switch_key="name"),
     "train": {
-        "steps": Field(60000, check=_non_negative_int),
+        "steps": Field(60000, check=non_negative_int),
         "lr": Field(1e-3, types=(float,)),
         "lr_schedule": Field("constant", choices=LR_SCHEDULES),
-        "lr_milestones": Field([], check=_milestones),
+        "lr_milestones": Field([], check=milestones),
         "lr_gamma": 0.1,
         "grad_clip": Field(None, types=(float, None)),
-        "val_every": Field(1000, check=_non_negative_int),
-        "checkpoint_every": Field(1000, check=_non_negative_int),
-        "log_every": Field(50, check=_positive_int),
-        "seed": Field(0, check=_non_negative_int),
-        "device": Field("auto", check=_check_device),
-        "threads": Field(None, types=(int, None), check=_positive_int),
+        "val_every": Field(1000, check=non_negative_int),
+        "checkpoint_every": Field(1000, check=non_negative_int),
+        "log_every": Field(50, check=positive_int),
+        "seed": Field(0, check=non_negative_int),
+        "device": Field("auto", check=check_device),
+        "threads": Field(None, types=(int, None), check=positive_int),
         "out_dir": Field(None, types=(str, None)),
     },
 }

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_nsl.ops import BACKEND_ENV, backend, bilinear_conv2d, effective_weight
+from fewshot_nsl.ops.bilinear import _sample_grouped_torch, _sample_unfold_torch
 
 # (label, in_channels, out_channels, spatial size) per GPU preset.
 GPU_PRESETS: dict[str, list[tuple[str, int, int, int]]] = {
@@ -81,6 +82,7 @@ def make_rows(
 
     m_shared = similarity(diagonal=False)
     m_sample = similarity(batch, diagonal=False)
+    m_sample_diag = similarity(batch, diagonal=True)
     m_loc_diag = similarity(batch, size, size, diagonal=True)
     m_loc_full = similarity(batch, size, size, diagonal=False)
     with torch.no_grad():
@@ -95,6 +97,13 @@ def make_rows(
 
         return run
 
+    def sample_path(path: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        # One per-sample formulation forced, whatever the shape-based chooser would pick.
+        def run() -> None:
+            path(x, weight, m_sample_diag, (1, 1), (1, 1), (1, 1), True).backward(grad_out)
+
+        return run
+
     def plain() -> None:
         F.conv2d(x, weight, None, 1, 1).backward(grad_out)
 
@@ -106,6 +115,9 @@ def make_rows(
         Row("static (shared full) torch", op(m_shared, "shared", False)),
         Row("static folded (inference form)", folded_conv),
         Row("per-sample full, torch", op(m_sample, "sample", False), "torch"),
+        Row("per-sample diagonal, torch", op(m_sample_diag, "sample", True), "torch"),
+        Row("  forced: grouped per-image kernels", sample_path(_sample_grouped_torch), "torch"),
+        Row("  forced: unfold + 1x1 conv", sample_path(_sample_unfold_torch), "torch"),
         Row("per-location diagonal, torch", op(m_loc_diag, "location", True), "torch"),
         Row("per-location full, torch", op(m_loc_full, "location", False), "torch"),
     ]
