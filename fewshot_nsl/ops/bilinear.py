@@ -201,6 +201,29 @@ def _validate(
         )
 
 
+def _unfold_taps(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    locations: int,
+) -> Tensor:
+    """Every tap's shifted input at the output resolution: ``(B, C, HV, L)`` (``F.unfold``)."""
+    batch, channels = x.shape[:2]
+    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    return cols.view(batch, channels, kernel_size[0] * kernel_size[1], locations)
+
+
+def _contract_taps(
+    mixed: Tensor, weight: Tensor, out_hw: tuple[int, int], bias: Tensor | None = None
+) -> Tensor:
+    """Contract mixed taps ``(B, C, HV, L)`` with ``W``: one 1x1 conv over ``C * HV`` channels."""
+    out_ch, channels, kh, kw = weight.shape
+    mixed = mixed.reshape(mixed.shape[0], channels * kh * kw, out_hw[0], out_hw[1])
+    return F.conv2d(mixed, weight.reshape(out_ch, channels * kh * kw, 1, 1), bias)
+
+
 # --------------------------------------------------------------------------------------------
 # Reference path
 # --------------------------------------------------------------------------------------------
@@ -223,8 +246,7 @@ def bilinear_conv2d_reference(
     out_ch, _, kh, kw = weight.shape
     taps = kh * kw
     h_out, w_out = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(batch, channels, taps, h_out * w_out)  # (B, C, HV, L)
+    cols = _unfold_taps(x, (kh, kw), stride, padding, dilation, h_out * w_out)  # (B, C, HV, L)
     if M is not None:
         full = torch.diag_embed(M) if diagonal else M
         equation = {
@@ -299,8 +321,7 @@ def _location_torch(
     taps = kh * kw
     h_out, w_out = M.shape[1:3]
     locations = h_out * w_out
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(batch, channels, taps, locations)
+    cols = _unfold_taps(x, (kh, kw), stride, padding, dilation, locations)
     if diagonal:
         # (B, 1, HV, L), contiguous so the broadcast over channels vectorises along L.
         m_taps = M.reshape(batch, locations, taps).transpose(1, 2).contiguous().unsqueeze(1)
@@ -308,8 +329,7 @@ def _location_torch(
     else:
         m_blocks = M.reshape(batch, locations, taps, taps).permute(0, 2, 3, 1)  # (B, k, k', L)
         mixed = torch.einsum("bkql,bcql->bckl", m_blocks, cols)
-    mixed = mixed.reshape(batch, channels * taps, h_out, w_out)
-    return F.conv2d(mixed, weight.reshape(out_ch, channels * taps, 1, 1))
+    return _contract_taps(mixed, weight, (h_out, w_out))
 
 
 def _sample_prefers_unfold(out_channels: int, out_hw: tuple[int, int]) -> bool:
@@ -363,14 +383,12 @@ def _sample_unfold_torch(
     out_ch, _, kh, kw = weight.shape
     taps = kh * kw
     h_out, w_out = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(batch, channels, taps, h_out * w_out)
+    cols = _unfold_taps(x, (kh, kw), stride, padding, dilation, h_out * w_out)
     if diagonal:
         mixed = cols * M.view(batch, 1, taps, 1)
     else:
         mixed = torch.matmul(M.unsqueeze(1), cols)  # (B, 1, k, k') @ (B, C, k', L)
-    mixed = mixed.reshape(batch, channels * taps, h_out, w_out)
-    return F.conv2d(mixed, weight.reshape(out_ch, channels * taps, 1, 1), bias)
+    return _contract_taps(mixed, weight, (h_out, w_out), bias)
 
 
 def _sample_grouped_torch(
