@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_nsl.nn.functional import PATCH_NORM_EPS, patch_norm
-from fewshot_nsl.nn.static import _check_choice, reset_conv_parameters
-from fewshot_nsl.ops import bilinear_conv2d, canonical_geometry
+from fewshot_nsl.nn.static import _check_choice, _init_conv_layer, reset_conv_parameters
+from fewshot_nsl.ops import bilinear_conv2d
 from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
 
 DYNAMIC_SIMILARITIES = ("diagonal", "full")
@@ -234,20 +234,12 @@ class DynamicNSLConv2d(nn.Module):
         super().__init__()
         _check_choice("similarity", similarity, DYNAMIC_SIMILARITIES)
         _check_choice("granularity", granularity, DYNAMIC_GRANULARITIES)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride, self.padding, self.dilation = canonical_geometry(
-            self.kernel_size, stride, padding, dilation
+        _init_conv_layer(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias
         )
         self.similarity = similarity
         self.granularity = granularity
         self.diagonal = similarity == "diagonal"
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
         if predictor is None:
             self.predictor: nn.Module = SimilarityPredictor(
                 in_channels,

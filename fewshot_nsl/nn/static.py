@@ -31,6 +31,31 @@ def reset_conv_parameters(weight: Tensor, bias: Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _init_conv_layer(
+    layer: nn.Module,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: Padding,
+    dilation: IntPair,
+    bias: bool,
+) -> None:
+    """Give ``layer`` the ``nn.Conv2d`` attributes (canonical geometry) and the parameters
+    ``weight`` ``(O, C, kh, kw)`` and ``bias`` ``(O,)`` or ``None``, uninitialised."""
+    layer.in_channels = in_channels
+    layer.out_channels = out_channels
+    layer.kernel_size = _pair(kernel_size, "kernel_size", 1)
+    layer.stride, layer.padding, layer.dilation = canonical_geometry(
+        layer.kernel_size, stride, padding, dilation
+    )
+    layer.weight = nn.Parameter(torch.empty(out_channels, in_channels, *layer.kernel_size))
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(out_channels))
+    else:
+        layer.register_parameter("bias", None)
+
+
 def identity_similarity(m: Tensor, diagonal: bool) -> Tensor:
     """The identity in the form of ``m`` (ones for a diagonal form, eye blocks otherwise)."""
     if diagonal:
@@ -78,11 +103,8 @@ class NSLConv2d(nn.Module):
         _check_choice("similarity", similarity, SIMILARITIES)
         _check_choice("sharing", sharing, SHARINGS)
         _check_choice("normalize", normalize, NORMALIZATIONS)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride, self.padding, self.dilation = canonical_geometry(
-            self.kernel_size, stride, padding, dilation
+        _init_conv_layer(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias
         )
         self.similarity = similarity
         self.sharing = sharing
@@ -90,11 +112,6 @@ class NSLConv2d(nn.Module):
         self.granularity = "shared" if sharing == "shared" else "channel"
         self.diagonal = similarity == "diagonal"
         taps = self.kernel_size[0] * self.kernel_size[1]
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
         if similarity == "identity":
             self.register_parameter("M", None)
         else:

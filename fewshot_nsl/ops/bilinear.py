@@ -316,8 +316,8 @@ def _location_torch(
     1x1 convolution over the ``C * HV`` mixed channels, which runs on the same optimised
     kernels (oneDNN/cuDNN) as ``F.conv2d`` for both passes.
     """
-    batch, channels = x.shape[:2]
-    out_ch, _, kh, kw = weight.shape
+    batch = x.shape[0]
+    kh, kw = weight.shape[2:]
     taps = kh * kw
     h_out, w_out = M.shape[1:3]
     locations = h_out * w_out
@@ -379,8 +379,8 @@ def _sample_unfold_torch(
     ``x~[b, c, k, l] = sum_k' M[b, k, k'] x[b, c, k', l]`` (diagonal: one broadcast multiply),
     then one 1x1 convolution over the ``C * HV`` mixed channels, shared by the whole batch.
     """
-    batch, channels = x.shape[:2]
-    out_ch, _, kh, kw = weight.shape
+    batch = x.shape[0]
+    kh, kw = weight.shape[2:]
     taps = kh * kw
     h_out, w_out = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
     cols = _unfold_taps(x, (kh, kw), stride, padding, dilation, h_out * w_out)

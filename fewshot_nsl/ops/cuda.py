@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fewshot_nsl.ops.bilinear import bilinear_conv2d_torch, effective_weight, output_size
+from fewshot_nsl.ops.bilinear import (
+    _unfold_taps,
+    bilinear_conv2d_torch,
+    effective_weight,
+    expected_m_shape,
+    output_size,
+)
 
 __all__ = ["bilinear_conv2d_cuda", "cuda_available", "load_extension"]
 
@@ -205,8 +211,7 @@ def _backward_torch(
     if per_location:
         positions = h_out * w_out
         gy = grad_y.reshape(batch, out_ch, positions)
-        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        cols = cols.view(batch, channels, taps, positions)
+        cols = _unfold_taps(x, (kh, kw), stride, padding, dilation, positions)
         # G~[b, c, k, p] = sum_o W[o, c, k] gy[b, o, p]
         grad_patches = torch.einsum("ock,bop->bckp", w_flat, gy)
         if diagonal:
@@ -461,8 +466,9 @@ def _check_arguments(
             raise ValueError(f"{name} must be a pair of ints, got {pair!r}")
     taps = weight.shape[2] * weight.shape[3]
     h_out, w_out = output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    lead = (x.shape[0], h_out, w_out) if granularity == "location" else (x.shape[0],)
-    expected = lead + ((taps,) if diagonal else (taps, taps))
+    expected = expected_m_shape(
+        granularity, diagonal, x.shape[0], x.shape[1], taps, (h_out, w_out)
+    )
     if tuple(M.shape) != expected:
         raise ValueError(
             f"M for granularity={granularity!r}, diagonal={diagonal} must have shape "
