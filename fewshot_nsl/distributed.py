@@ -188,8 +188,14 @@ def init_distributed(
 
 
 def shutdown(context: DistributedContext) -> None:
-    """Destroy the process group ``context`` joined (nothing to do for one process)."""
+    """Destroy the process group ``context`` joined (nothing to do for one process).
+
+    Call it on the success path only: it first waits for every rank, because rank 0 hosts the
+    rendezvous store, and a rank still tearing down its gloo threads after rank 0 has exited
+    aborts ("terminate called without an active exception").
+    """
     if context.is_distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
