@@ -63,8 +63,9 @@ def naive_episode(jpegs: Path, class_names, labels_of_rows, rows, normalize: Nor
 def learnability(steps: list[int]) -> None:
     """How hard is the synthetic dataset? Raw-pixel 1-NN and a Conv-4 ProtoNet trained for
     ``steps`` episodes (5-way 1-shot, 15 queries for evaluation on 200 test episodes)."""
+    from diagnostics import nearest_neighbour_accuracy, train_protonet
+
     from episodes import build_split
-    from episodes.diagnostics import nearest_neighbour_accuracy, train_protonet
 
     train = build_split("synthetic", "train")
     test = build_split("synthetic", "test")
@@ -77,7 +78,7 @@ def learnability(steps: list[int]) -> None:
         for num_steps in steps:
             start = time.process_time()
             episodes = EpisodeSampler(train, 5, shot, 15, seed=0, num_episodes=num_steps)
-            report = train_protonet(episodes, test_episodes, in_channels=1)
+            report = train_protonet(episodes, test_episodes, in_channels=1, image_size=28)
             print(
                 f"5-way {shot}-shot, ProtoNet Conv-4 (hidden 32): untrained "
                 f"{report.untrained_accuracy:.3f}, after {num_steps} episodes "
