@@ -471,8 +471,16 @@ def test_omniglot_full_listing_follows_the_vinyals_split():
     # A listing shaped like the real one: background alphabets (validation ones among them,
     # 172 characters in all) sorted, then evaluation alphabets.
     val_sizes = dict(zip(sorted(OMNIGLOT_VAL_ALPHABETS), [34, 34, 34, 35, 35]))
-    background = [("Alpha", 400), ("Armenian", 0), ("Bengali", 0), ("Cyrillic", 300),
-                  ("Early_Aramaic", 0), ("Hebrew", 0), ("Mkhedruli_(Georgian)", 0), ("Zeta", 80)]
+    background = [
+        ("Alpha", 400),
+        ("Armenian", 0),
+        ("Bengali", 0),
+        ("Cyrillic", 300),
+        ("Early_Aramaic", 0),
+        ("Hebrew", 0),
+        ("Mkhedruli_(Georgian)", 0),
+        ("Zeta", 80),
+    ]
     listing = []
     for alphabet, n in background:
         n = val_sizes.get(alphabet, n)

@@ -3,6 +3,7 @@ files, or generated; and the one-time conversion of source files into the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -24,7 +25,21 @@ def build_split(
       ``mmap=True`` memory-maps, ``False`` loads into memory) or the dataset's source files,
       decoded on the fly (options as for :func:`prepare_dataset`; ``strict`` defaults to False
       here). The split's ``mean``/``std`` are always the train split's.
+
+    ``normalize="mean_std" | "unit"`` (any dataset, also a cache) sets how the default
+    transform scales pixels (:attr:`~episodes.ImageSplit.normalization`); the data and its
+    fingerprint do not change.
     """
+    normalize = options.pop("normalize", "mean_std")
+    split_data = _build_split(name, split, root, options)
+    if normalize != "mean_std":
+        split_data = dataclasses.replace(split_data, normalize=normalize)
+    return split_data
+
+
+def _build_split(
+    name: str, split: str, root: str | os.PathLike | None, options: dict
+) -> ImageSplit:
     entry = dataset_entry(name)
     split = canonical_split_name(split)
     if entry.generate is not None:

@@ -115,8 +115,14 @@ class LakeRunsEpisodes(EpisodeSource):
     runs; queries are ordered by class instead of by item number, which changes no score.
     """
 
-    def __init__(self, split: ImageSplit, transform: TransformFn | None = None) -> None:
-        super().__init__(split, transform, seed=0)
+    def __init__(
+        self,
+        split: ImageSplit,
+        transform: TransformFn | None = None,
+        output: str = "float",
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(split, transform, 0, output, pin_memory)
         names = split.class_names
         expected = [f"run{r:02d}/class{m:02d}" for r in range(1, 21) for m in range(1, 21)]
         if names != expected or not (split.class_counts == 2).all():
