@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -35,3 +36,15 @@ def test_importing_every_episodes_module_never_imports_fewshot_nsl():
 def test_the_public_names_are_all_importable():
     for name in episodes.__all__:
         assert getattr(episodes, name) is not None, name
+
+
+def test_no_episodes_source_file_names_fewshot_nsl_in_an_import():
+    """Also lazy imports inside functions, which the import check above cannot see."""
+    for path in Path(episodes.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "fewshot_nsl" for n in names), path.name

@@ -348,22 +348,6 @@ def test_task_batcher_rejects_ranks_without_tasks(glyph_split):
         len(TaskBatcher(sampler, 2))
 
 
-def test_episodes_imports_nothing_from_fewshot_nsl():
-    import ast
-    from pathlib import Path
-
-    import episodes
-
-    for path in Path(episodes.__file__).parent.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            assert not any(n.split(".")[0] == "fewshot_nsl" for n in names), path.name
-
-
 # --------------------------------------------------------------------------- the uint8 path
 
 
