@@ -52,9 +52,11 @@ def _omniglot_characters(source: Path) -> list[Character]:
     parts = [find_part(source, name) for name in ("images_background", "images_evaluation")]
     parts = [part for part in parts if part is not None]
     if not parts:
+        small = any(find_part(source, f"images_background_small{i}") for i in (1, 2))
+        hint = "; it holds the small background sets: pass protocol='lake'" if small else ""
         raise FileNotFoundError(
             f"{source}: no images_background or images_evaluation (folder or .zip; the "
-            "standard Omniglot layout: images_background/<alphabet>/<character>/*.png)"
+            "standard Omniglot layout: images_background/<alphabet>/<character>/*.png)" + hint
         )
     return [character for part in parts for character in part.characters()]
 
