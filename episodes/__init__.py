@@ -16,6 +16,7 @@ from episodes.datasets import (
     load_cache,
     prepare_dataset,
     prepare_mini_imagenet,
+    register_dataset,
 )
 from episodes.episode import Episode
 from episodes.manifest import ManifestEpisodes, load_manifest, save_manifest
@@ -31,6 +32,7 @@ __all__ = [
     "load_cache",
     "prepare_dataset",
     "prepare_mini_imagenet",
+    "register_dataset",
     "EpisodeSampler",
     "TaskBatcher",
     "collate_episodes",

@@ -66,8 +66,10 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             f"{str(path)!r} holds a {type(content).__name__}, expected a dict as in the CIFAR "
             "python pickles"
         )
-    return {key.decode() if isinstance(key, bytes) else str(key): value
-            for key, value in content.items()}
+    return {
+        key.decode() if isinstance(key, bytes) else str(key): value
+        for key, value in content.items()
+    }
 
 
 def _require(content: dict[str, Any], key: str, path: Path) -> Any:

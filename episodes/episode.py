@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
+from episodes.transforms import to_float_normalized
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,9 @@ class Episode:
       is ``classes[l]``
     * ``support_indices`` / ``query_indices``: ``(N*K,)`` / ``(N*Q,)`` int64 row indices of
       the images in their dataset split, so the task can be stored in a manifest and replayed.
+
+    A sampler with ``output="uint8"`` gives ``support_x``/``query_x`` as the stored uint8
+    pixels ``(N*K, H, W, C)``; :meth:`to_float` converts them on the training device.
     """
 
     support_x: torch.Tensor
@@ -39,3 +45,32 @@ class Episode:
             for name in ("support_x", "support_y", "query_x", "query_y")
         }
         return replace(self, **move)
+
+    @property
+    def is_uint8(self) -> bool:
+        """True when the images are raw uint8 ``(n, H, W, C)`` pixels (``output="uint8"``)."""
+        return self.support_x.dtype == torch.uint8
+
+    def to_float(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str | None = None,
+        non_blocking: bool = True,
+    ) -> Episode:
+        """The episode on ``device`` with float32 ``(n, C, H, W)`` images ``(x/255 - mean) /
+        std``, converted there (pass ``split.normalization``); float episodes just move."""
+        if not self.is_uint8:
+            return self.to(device, non_blocking) if device is not None else self
+        images = to_float_normalized(
+            torch.cat([self.support_x, self.query_x]), mean, std, device, non_blocking
+        )
+        num_support = len(self.support_x)
+        target = images.device
+        return replace(
+            self,
+            support_x=images[:num_support],
+            query_x=images[num_support:],
+            support_y=self.support_y.to(target, non_blocking=non_blocking),
+            query_y=self.query_y.to(target, non_blocking=non_blocking),
+        )

@@ -169,8 +169,10 @@ class ManifestEpisodes(EpisodeSource):
         transform_seeds: np.ndarray,
         split: ImageSplit,
         transform: TransformFn | None,
+        output: str = "float",
+        pin_memory: bool = False,
     ) -> None:
-        super().__init__(split, transform, int(header.get("seed", 0)))
+        super().__init__(split, transform, int(header.get("seed", 0)), output, pin_memory)
         self.header = header
         self.way, self.shot, self.query = header["way"], header["shot"], header["query"]
         self.fingerprint = header["fingerprint"]
@@ -222,13 +224,16 @@ def load_manifest(
     way: int | None = None,
     shot: int | None = None,
     query: int | None = None,
+    output: str = "float",
+    pin_memory: bool = False,
 ) -> ManifestEpisodes:
     """Load a manifest written by :func:`save_manifest` to replay its episodes on ``split``.
 
     Checks that ``split`` is the data the manifest was made from (dataset, split and content
     fingerprint), that every row index lies in the split and belongs to its stored class, and,
     when given, that ``way``/``shot``/``query`` match the manifest; each mismatch is a
-    ``ValueError`` naming the file and both values.
+    ``ValueError`` naming the file and both values. ``output``/``pin_memory`` as for
+    :class:`~episodes.EpisodeSampler` (``"uint8"``: raw pixels for the training device).
     """
     path = Path(path)
     header, body = _read(path)
@@ -286,5 +291,15 @@ def load_manifest(
                 f"manifest {path}: episode {index} rows do not belong to its stored classes"
             )
     return ManifestEpisodes(
-        header, classes, support, query_rows, shots, queries, seeds, split, transform
+        header,
+        classes,
+        support,
+        query_rows,
+        shots,
+        queries,
+        seeds,
+        split,
+        transform,
+        output,
+        pin_memory,
     )

@@ -19,7 +19,18 @@ from episodes.episode import Episode
 from episodes.split import ImageSplit, stable_hash
 from episodes.transforms import Normalize, uint8_to_float
 
-__all__ = ["EpisodeSampler", "TaskBatcher", "collate_episodes", "SizeSpec", "EpisodeSource"]
+__all__ = [
+    "EpisodeSampler",
+    "TaskBatcher",
+    "collate_episodes",
+    "SizeSpec",
+    "EpisodeSource",
+    "OUTPUTS",
+]
+
+#: What an episode's images are: float32 ``(C, H, W)`` transformed on the host, or the
+#: stored uint8 ``(H, W, C)`` pixels for conversion on the training device.
+OUTPUTS = ("float", "uint8")
 
 #: A way or shot setting: a fixed int, an inclusive ``(low, high)`` range drawn uniformly per
 #: episode, or a callable ``f(rng: np.random.Generator) -> int`` drawing from the episode's RNG.
@@ -73,15 +84,39 @@ class EpisodeSource(Dataset):
     reads them from a file), so both build episodes the same way. Images become float32
     ``(C, H, W)`` in [0, 1], then ``transform(batch, generator)`` runs once on the episode's
     support and query images together, with a generator seeded from the episode seed.
+
+    With ``output="uint8"`` the images stay uint8 ``(H, W, C)`` as stored (optionally in
+    pinned memory), for conversion and normalisation on the training device:
+    :meth:`Episode.to_float` / :func:`~episodes.transforms.to_float_normalized` with
+    ``split.normalization``; the same episode either way (indices, labels; pixels equal after
+    conversion).
     """
 
-    def __init__(self, split: ImageSplit, transform: TransformFn | None, seed: int) -> None:
+    def __init__(
+        self,
+        split: ImageSplit,
+        transform: TransformFn | None,
+        seed: int,
+        output: str = "float",
+        pin_memory: bool = False,
+    ) -> None:
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output == "uint8" and transform is not None:
+            raise ValueError(
+                "output='uint8' hands over raw pixels, normalised later on the training device "
+                "(episodes.transforms.to_float_normalized); it takes no transform"
+            )
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA (pinned memory speeds host->GPU copies)")
         self.split = split
         self.seed = int(seed)
+        self.output = output
+        self.pin_memory = bool(pin_memory)
         self.transform: TransformFn = (
-            transform if transform is not None else Normalize(split.mean, split.std)
+            transform if transform is not None else Normalize(*split.normalization)
         )
 
     def _materialise(
@@ -97,7 +132,9 @@ class EpisodeSource(Dataset):
         rows = np.concatenate([support_rows, query_rows])
         # One gather for the whole episode; works the same on an ndarray or a memmap.
         pixels = torch.from_numpy(np.ascontiguousarray(self.split.images[rows]))
-        if isinstance(self.transform, Normalize):  # the default: fused, no random draws
+        if self.output == "uint8":  # (N, H, W, C) as stored; converted on the training device
+            images = pixels.pin_memory() if self.pin_memory else pixels
+        elif isinstance(self.transform, Normalize):  # the default: fused, no random draws
             images = self.transform.from_uint8(pixels)
         else:
             generator = torch.Generator().manual_seed(torch_seed)
@@ -146,7 +183,10 @@ class EpisodeSampler(EpisodeSource):
         num_episodes: ``len(sampler)``; ``None`` means unbounded (iteration never ends and
             ``len()`` raises, so use it with :class:`TaskBatcher` or explicit indices).
         transform: ``f(images (N, C, H, W) in [0, 1], generator) -> images``; default
-            normalises with ``split.mean``/``split.std``.
+            normalises with ``split.normalization`` (train mean/std, or plain /255).
+        output: ``"float"`` (default) or ``"uint8"``: raw ``(H, W, C)`` pixels for
+            conversion on the training device (:meth:`Episode.to_float`); no transform.
+        pin_memory: put uint8 images in pinned memory (CUDA only) for faster copies.
 
     Labels are remapped to ``0..way-1`` in a random order: episode label ``l`` is dataset class
     ``episode.classes[l]``. Support and query images are ordered class by class.
@@ -161,8 +201,10 @@ class EpisodeSampler(EpisodeSource):
         seed: int,
         num_episodes: int | None = None,
         transform: TransformFn | None = None,
+        output: str = "float",
+        pin_memory: bool = False,
     ) -> None:
-        super().__init__(split, transform, seed)
+        super().__init__(split, transform, seed, output, pin_memory)
         if not isinstance(query, (int, np.integer)) or query < 0:
             raise ValueError(f"query must be a non-negative int, got {query!r}")
         if num_episodes is not None and num_episodes < 0:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Pixel scalings of the default transform (``ImageSplit.normalize``).
+NORMALIZE_MODES = ("mean_std", "unit")
+
 # Images are hashed in chunks so a memory-mapped split is never read into memory at once.
 _HASH_CHUNK_ROWS = 4096
 
@@ -66,6 +69,9 @@ class ImageSplit:
     * ``mean`` / ``std``: per-channel statistics of the dataset's *train* split in [0, 1]
       units, used by the default normalisation
     * ``fingerprint``: content hash (:func:`content_fingerprint`), stamped into runs/manifests
+    * ``normalize``: how the default transform scales pixels: ``"mean_std"`` (``(x/255 -
+      mean) / std``, the default) or ``"unit"`` (``x/255`` in [0, 1], as the MAML reference
+      code does); see :attr:`normalization`
     """
 
     images: np.ndarray
@@ -76,6 +82,7 @@ class ImageSplit:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     fingerprint: str
+    normalize: str = "mean_std"
     _class_rows: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,10 +109,24 @@ class ImageSplit:
                 f"{self.name}/{self.split}: mean/std need {channels} values (one per channel), "
                 f"got {len(self.mean)}/{len(self.std)}"
             )
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(
+                f"{self.name}/{self.split}: normalize must be one of {NORMALIZE_MODES}, got "
+                f"{self.normalize!r}"
+            )
         # Rows of each class, in dataset order; a stable sort keeps that order within a class.
         order = np.argsort(self.labels, kind="stable")
         counts = np.bincount(self.labels, minlength=num_classes)
         self._class_rows = np.split(order, np.cumsum(counts)[:-1])
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` the default transform uses: the train statistics for
+        ``normalize="mean_std"``, zeros and ones (plain ``x/255``) for ``"unit"``."""
+        if self.normalize == "unit":
+            channels = self.images.shape[-1]
+            return (0.0,) * channels, (1.0,) * channels
+        return tuple(self.mean), tuple(self.std)
 
     @property
     def num_classes(self) -> int:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "uint8_to_float",
+    "to_float_normalized",
+    "normalization_constants",
     "Transform",
     "Compose",
     "Normalize",
@@ -52,12 +54,54 @@ def uint8_to_float(
             f"expected uint8 (N, H, W, C) pixels, got {pixels.dtype} {tuple(pixels.shape)}"
         )
     n, height, width, channels = pixels.shape
-    images = torch.empty((n, channels, height, width), dtype=torch.float32)
+    images = torch.empty((n, channels, height, width), dtype=torch.float32, device=pixels.device)
     images.copy_(pixels.permute(0, 3, 1, 2))
     images.mul_(scale)
     if not (isinstance(bias, float) and bias == 0.0):
         images.add_(bias)
     return images
+
+
+def normalization_constants(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, bias)``, float32 ``(1, C, 1, 1)``, with ``pixel * scale + bias ==
+    (pixel / 255 - mean) / std``: the constants of :meth:`Normalize.from_uint8` and
+    :func:`to_float_normalized` (computed once, the same way, so both paths agree bit for bit).
+    """
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(1, -1, 1, 1)
+    inv_std = (1.0 / torch.tensor([float(s) for s in std], dtype=torch.float64)).float()
+    inv_std = inv_std.view(1, -1, 1, 1)
+    return (inv_std / 255.0).to(device), (-mean_t * inv_std).to(device)
+
+
+def to_float_normalized(
+    pixels: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
+    non_blocking: bool = True,
+) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` pixels (a sampler's ``output="uint8"`` batch) to normalised
+    float32 ``(N, C, H, W)`` on ``device``: ``(pixels / 255 - mean) / std``.
+
+    The uint8 batch crosses to the device first (4× fewer bytes than float32), then the
+    layout change, conversion and normalisation run there. On CPU the result is bit-identical
+    to the sampler's float path (the same constants and operations). ``mean=(0,)*C,
+    std=(1,)*C`` gives plain ``pixels / 255`` scaling (``normalize="unit"``).
+    """
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4:
+        raise ValueError(
+            f"expected uint8 (N, H, W, C) pixels, got {pixels.dtype} {tuple(pixels.shape)}"
+        )
+    if len(mean) != pixels.shape[-1] or len(std) != pixels.shape[-1]:
+        raise ValueError(
+            f"pixels have {pixels.shape[-1]} channels, mean/std have {len(mean)}/{len(std)}"
+        )
+    device = pixels.device if device is None else torch.device(device)
+    pixels = pixels.to(device, non_blocking=non_blocking)
+    scale, bias = normalization_constants(mean, std, device)
+    return uint8_to_float(pixels, scale, bias)
 
 
 class Transform:
@@ -108,6 +152,7 @@ class Normalize(Transform):
         self._inv_std = (
             (1.0 / torch.tensor(self.std, dtype=torch.float64)).float().view(1, -1, 1, 1)
         )
+        self._scale, self._bias = normalization_constants(self.mean, self.std)
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -127,7 +172,7 @@ class Normalize(Transform):
                 f"Normalize: pixels have {pixels.shape[-1]} channels, "
                 f"mean/std have {len(self.mean)}"
             )
-        return uint8_to_float(pixels, self._inv_std / 255.0, -self._mean * self._inv_std)
+        return uint8_to_float(pixels, self._scale, self._bias)
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}"

@@ -1,19 +1,24 @@
 """Episodes per second: the canonical cache + EpisodeSampler vs. a naive per-image Pillow loader.
 
 Generates its own fake Mini-ImageNet-like data (default 20 classes × 600 images, 84×84×3),
-converts it to the canonical cache with ``prepare_mini_imagenet`` and loads it into memory;
-the baseline decodes each episode's images from JPEG files with Pillow (the same episodes,
-so both do the same work). Single process, ``torch.set_num_threads(1)``. Both run side by side
-in one process, so their ratio is meaningful on a shared machine; absolute numbers are not.
+converts it to the canonical cache with ``prepare_mini_imagenet`` and reads it in memory and
+memory-mapped, as float episodes (normalised on the host) and as uint8 episodes (raw pixels
+for conversion on the training device); the baseline decodes each episode's images from JPEG
+files with Pillow. Single process, ``torch.set_num_threads(1)``, wall-clock time only. The
+variants are interleaved in rounds (order rotated) and compared as the median [min-max] of
+per-round ratios. The 1-minute load average is printed before and after; a run on a machine
+loaded beyond its core count is refused (``--allow-loaded`` runs it, flagged).
 
-    python scripts/bench_episodes.py [--classes 20] [--images 600] [--episodes 300]
+    python scripts/bench_episodes.py [--classes 20] [--images 600] [--episodes 300] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -63,8 +68,9 @@ def naive_episode(jpegs: Path, class_names, labels_of_rows, rows, normalize: Nor
 def learnability(steps: list[int]) -> None:
     """How hard is the synthetic dataset? Raw-pixel 1-NN and a Conv-4 ProtoNet trained for
     ``steps`` episodes (5-way 1-shot, 15 queries for evaluation on 200 test episodes)."""
+    from diagnostics import nearest_neighbour_accuracy, train_protonet
+
     from episodes import build_split
-    from episodes.diagnostics import nearest_neighbour_accuracy, train_protonet
 
     train = build_split("synthetic", "train")
     test = build_split("synthetic", "test")
@@ -75,15 +81,35 @@ def learnability(steps: list[int]) -> None:
             f"5-way {shot}-shot, 1-NN raw pixels: {nearest_neighbour_accuracy(test_episodes):.3f}"
         )
         for num_steps in steps:
-            start = time.process_time()
+            start = time.perf_counter()
             episodes = EpisodeSampler(train, 5, shot, 15, seed=0, num_episodes=num_steps)
-            report = train_protonet(episodes, test_episodes, in_channels=1)
+            report = train_protonet(episodes, test_episodes, in_channels=1, image_size=28)
             print(
                 f"5-way {shot}-shot, ProtoNet Conv-4 (hidden 32): untrained "
                 f"{report.untrained_accuracy:.3f}, after {num_steps} episodes "
                 f"{report.test_accuracy:.3f} (train {report.train_accuracy_last:.3f}; "
-                f"{time.process_time() - start:.0f} s CPU)"
+                f"{time.perf_counter() - start:.0f} s wall)"
             )
+
+
+def load_guard(allow_loaded: bool) -> tuple[float, int]:
+    """The 1-minute load average and core count; refuse (exit non-zero) a run on a loaded machine
+    unless ``allow_loaded``, then every figure is flagged as taken under load."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    print(f"load average (1 min) before: {load:.2f} on {cores} cores")
+    if load > cores:
+        message = (
+            f"the machine is loaded (1-minute load {load:.2f} > {cores} cores): wall-clock "
+            "rates would measure the other jobs, not the sampler"
+        )
+        if not allow_loaded:
+            raise SystemExit(f"REFUSED: {message}. Wait for an idle machine or pass --allow-loaded")
+        print(f"!!! WARNING: {message}. Every figure below is INVALID as an idle-core number !!!")
+    return load, cores
+
+
+def median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def main() -> None:
@@ -99,8 +125,15 @@ def main() -> None:
         nargs="*",
         help="instead: train a ProtoNet on the synthetic glyphs for these episode counts",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per setting")
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="run even when the 1-minute load exceeds the core count (figures flagged)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load, cores = load_guard(args.allow_loaded)
     if args.learnability is not None:
         learnability(args.learnability or [300, 1000])
         return
@@ -115,40 +148,68 @@ def main() -> None:
         print(f"setup (fake data, cache): {time.perf_counter() - start:.1f} s")
         print(f"machine: {platform.processor() or platform.machine()}, torch threads: 1")
         print(f"split: {split}")
-        print("episodes per second of wall time, and per second of this process's CPU time")
-        print("(one thread: CPU time approximates an idle core when the machine is shared)")
-        header = f"{'setting':<22}{'cache (RAM)':>14}{'cache (mmap)':>14}{'Pillow JPEG':>14}"
-        print(f"{header}{'ratio':>8}")
+        variants = {
+            "RAM float": (split, "float"),
+            "mmap float": (mapped, "float"),
+            "RAM uint8": (split, "uint8"),
+            "mmap uint8": (mapped, "uint8"),
+        }
         normalize = Normalize(split.mean, split.std)
-        jpeg_split_rows = args.jpeg_images
+        print(
+            f"wall-clock episodes/s, 5-way, 15 queries; {args.rounds} rounds of {args.episodes} "
+            "episodes per variant, variants interleaved (order rotated each round); "
+            "'uint8' = raw pixels handed over, converted later by the trainer (not timed here)"
+        )
+        wall_start = time.perf_counter()
         for shot in (1, 5):
-            rates, cpu_rates = [], []
-            for data in (split, mapped):
-                sampler = EpisodeSampler(data, way=5, shot=shot, query=15, seed=0)
+            samplers = {
+                name: EpisodeSampler(data, way=5, shot=shot, query=15, seed=0, output=output)
+                for name, (data, output) in variants.items()
+            }
+            for sampler in samplers.values():
                 for i in range(10):  # warm-up (page cache, allocator)
                     sampler[i]
-                start, cpu_start = time.perf_counter(), time.process_time()
-                for i in range(args.episodes):
-                    sampler[i]
-                rates.append(args.episodes / (time.perf_counter() - start))
-                cpu_rates.append(args.episodes / (time.process_time() - cpu_start))
-            # Baseline: the same kind of episode, images restricted to those written as JPEG.
-            sampler = EpisodeSampler(split, way=5, shot=shot, query=15, seed=0)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for i in range(args.baseline_episodes):
-                classes, support, query, _, _ = sampler.indices(i)
-                rows = np.concatenate([support, query])
-                within_class = (rows - split.labels[rows] * args.images) % jpeg_split_rows
-                naive_episode(folder / "jpeg", split.class_names, split.labels[rows],
-                              within_class, normalize)  # fmt: skip
-            baseline = args.baseline_episodes / (time.perf_counter() - start)
-            cpu_baseline = args.baseline_episodes / (time.process_time() - cpu_start)
-            for label, row, base in (("wall", rates, baseline), ("cpu", cpu_rates, cpu_baseline)):
-                setting = f"5-way {shot}-shot {label}"
-                print(
-                    f"{setting:<22}{row[0]:>12.0f}/s{row[1]:>12.0f}/s{base:>12.0f}/s"
-                    f"{row[0] / base:>7.1f}x"
-                )
+            rates: dict[str, list[float]] = {name: [] for name in [*samplers, "Pillow JPEG"]}
+            names = list(rates)
+            for round_index in range(args.rounds):
+                first = 10 + round_index * args.episodes  # fresh episodes every round
+                shift = round_index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    if name == "Pillow JPEG":
+                        sampler = samplers["RAM float"]
+                        count = args.baseline_episodes
+                        start = time.perf_counter()
+                        for i in range(first, first + count):
+                            _, support, query, _, _ = sampler.indices(i)
+                            rows = np.concatenate([support, query])
+                            within = (rows - split.labels[rows] * args.images) % args.jpeg_images
+                            labels = split.labels[rows]
+                            naive_episode(
+                                folder / "jpeg", split.class_names, labels, within, normalize
+                            )
+                    else:
+                        sampler, count = samplers[name], args.episodes
+                        start = time.perf_counter()
+                        for i in range(first, first + count):
+                            sampler[i]
+                    rates[name].append(count / (time.perf_counter() - start))
+            print(f"\n5-way {shot}-shot: rate per variant, median [min-max] over rounds")
+            for name, values in rates.items():
+                print(f"  {name:<12} {median_range(values)} episodes/s")
+            print("  paired ratios per round, median [min-max]:")
+            for a, b in (
+                ("RAM float", "Pillow JPEG"),
+                ("RAM uint8", "RAM float"),
+                ("mmap float", "RAM float"),
+                ("mmap uint8", "RAM uint8"),
+            ):
+                ratios = [x / y for x, y in zip(rates[a], rates[b])]
+                print(f"  {a} / {b}: {median_range(ratios)}")
+        after = os.getloadavg()[0]
+        print(f"\nwall-clock time of the measurements: {time.perf_counter() - wall_start:.1f} s")
+        print(f"load average (1 min) after: {after:.2f} (before: {load:.2f}, {cores} cores)")
+        if max(load, after) > cores:
+            print("!!! the machine was loaded during this run: figures are not idle-core rates !!!")
 
 
 if __name__ == "__main__":

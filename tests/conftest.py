@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,16 @@ from PIL import Image
 
 from episodes import ImageSplit, build_split
 from episodes.datasets import CIFAR100_SUPERCLASSES
+
+
+def load_script(name: str) -> types.ModuleType:
+    """Import ``scripts/<name>.py`` (scripts/ is not a package) as a module."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from tests.conftest import (
     MINI_CLASSES,
     MINI_IMAGES_PER_CLASS,
     cifar100_fine_names,
+    load_script,
     write_fake_cifar100,
     write_omniglot,
 )
@@ -436,10 +437,10 @@ def test_image_split_validates_its_fields():
 
 @pytest.mark.slow
 def test_synthetic_glyphs_are_learnable_but_not_trivial():
-    """A tiny Conv-4 ProtoNet, briefly meta-trained, clearly beats chance (20%) on held-out
+    """The toolkit's Conv-4 ProtoNet, briefly meta-trained, clearly beats chance (20%) on held-out
     glyph classes but stays far from 100%; raw-pixel nearest neighbour is weaker still.
     (Longer runs and the numbers: docs/benchmarks/episodes.md.)"""
-    from episodes.diagnostics import nearest_neighbour_accuracy, train_protonet
+    diagnostics = load_script("diagnostics")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convs: one thread is as fast, and immune to a busy machine
@@ -447,9 +448,11 @@ def test_synthetic_glyphs_are_learnable_but_not_trivial():
         train = build_split("synthetic", "train", num_classes=64)
         test = build_split("synthetic", "test", num_classes=40)
         test_episodes = [EpisodeSampler(test, 5, 1, 10, seed=1)[i] for i in range(30)]
-        nearest = nearest_neighbour_accuracy(test_episodes)
+        nearest = diagnostics.nearest_neighbour_accuracy(test_episodes)
         train_episodes = EpisodeSampler(train, 5, 1, 5, seed=0, num_episodes=60)
-        report = train_protonet(train_episodes, test_episodes, in_channels=1)
+        report = diagnostics.train_protonet(
+            train_episodes, test_episodes, in_channels=1, image_size=28
+        )
     finally:
         torch.set_num_threads(threads)
     # Measured: nearest neighbour 0.45, ProtoNet 0.58 (chance: 0.2).
@@ -458,7 +461,7 @@ def test_synthetic_glyphs_are_learnable_but_not_trivial():
 
 
 def test_omniglot_full_listing_follows_the_vinyals_split():
-    from episodes.datasets import (
+    from episodes.datasets.omniglot import (
         OMNIGLOT_SPLIT_SIZES,
         OMNIGLOT_VAL_ALPHABETS,
         _omniglot_split_ranges,
@@ -468,8 +471,16 @@ def test_omniglot_full_listing_follows_the_vinyals_split():
     # A listing shaped like the real one: background alphabets (validation ones among them,
     # 172 characters in all) sorted, then evaluation alphabets.
     val_sizes = dict(zip(sorted(OMNIGLOT_VAL_ALPHABETS), [34, 34, 34, 35, 35]))
-    background = [("Alpha", 400), ("Armenian", 0), ("Bengali", 0), ("Cyrillic", 300),
-                  ("Early_Aramaic", 0), ("Hebrew", 0), ("Mkhedruli_(Georgian)", 0), ("Zeta", 80)]
+    background = [
+        ("Alpha", 400),
+        ("Armenian", 0),
+        ("Bengali", 0),
+        ("Cyrillic", 300),
+        ("Early_Aramaic", 0),
+        ("Hebrew", 0),
+        ("Mkhedruli_(Georgian)", 0),
+        ("Zeta", 80),
+    ]
     listing = []
     for alphabet, n in background:
         n = val_sizes.get(alphabet, n)

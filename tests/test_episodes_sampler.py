@@ -348,17 +348,77 @@ def test_task_batcher_rejects_ranks_without_tasks(glyph_split):
         len(TaskBatcher(sampler, 2))
 
 
-def test_episodes_imports_nothing_from_fewshot_nsl():
-    import ast
-    from pathlib import Path
+# --------------------------------------------------------------------------- the uint8 path
 
-    import episodes
 
-    for path in Path(episodes.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            assert not any(n.split(".")[0] == "fewshot_nsl" for n in names), path.name
+def assert_uint8_matches_float(raw: Episode, flt: Episode, mean, std) -> None:
+    """The uint8 episode, converted, is the float episode (same draw, same pixels)."""
+    assert raw.is_uint8 and not flt.is_uint8
+    for name in ("support_y", "query_y", "classes", "support_indices", "query_indices"):
+        assert torch.equal(getattr(raw, name), getattr(flt, name)), name
+    converted = raw.to_float(mean, std)
+    # Within float rounding of an independent float64 reference, and on CPU bit-identical.
+    for side in ("support_x", "query_x"):
+        pixels = getattr(raw, side).double().permute(0, 3, 1, 2) / 255.0
+        reference = (pixels - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / (
+            torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        )
+        torch.testing.assert_close(getattr(flt, side).double(), reference, rtol=0, atol=1e-5)
+        assert torch.equal(getattr(converted, side), getattr(flt, side)), side
+
+
+@pytest.mark.parametrize("fixture", ["glyph_split", "glyph_split_rgb"])
+def test_uint8_output_is_the_same_episode_as_the_float_path(fixture, request, tmp_path):
+    split = request.getfixturevalue(fixture)
+    mean, std = split.normalization
+    flt = EpisodeSampler(split, 3, (1, 2), 2, seed=4, num_episodes=6)
+    raw = EpisodeSampler(split, 3, (1, 2), 2, seed=4, num_episodes=6, output="uint8")
+    for index in range(6):
+        assert raw[index].support_x.shape[1:] == split.images.shape[1:]  # (H, W, C) as stored
+        assert_uint8_matches_float(raw[index], flt[index], mean, std)
+    # DataLoader workers and ranks hand over the same uint8 episodes.
+    for workers in (0, 2):
+        loader = DataLoader(raw, batch_size=3, num_workers=workers, collate_fn=collate_episodes)
+        for a, b in zip(sum(list(loader), []), [raw[i] for i in range(6)]):
+            assert_same_episode(a, b)
+    ranks = [TaskBatcher(raw, 2, rank=r, world_size=2) for r in range(2)]
+    for step in range(3):
+        merged = sorted(ranks[0].batch(step) + ranks[1].batch(step), key=lambda e: e.classes[0])
+        single = sorted(TaskBatcher(flt, 2).batch(step), key=lambda e: e.classes[0])
+        for a, b in zip(merged, single):
+            assert_uint8_matches_float(a, b, mean, std)
+    # A manifest replays the same uint8 episodes.
+    save_manifest(tmp_path / "m.npz", flt, 6)
+    replay = load_manifest(tmp_path / "m.npz", split, output="uint8")
+    for index in range(6):
+        assert_uint8_matches_float(replay[index], flt[index], mean, std)
+
+
+def test_uint8_output_refuses_a_transform_and_pinning_without_cuda(glyph_split):
+    with pytest.raises(ValueError, match="takes no transform"):
+        EpisodeSampler(glyph_split, 2, 1, 1, seed=0, output="uint8", transform=transforms.Resize(8))
+    with pytest.raises(ValueError, match="output must be one of"):
+        EpisodeSampler(glyph_split, 2, 1, 1, seed=0, output="half")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            EpisodeSampler(glyph_split, 2, 1, 1, seed=0, output="uint8", pin_memory=True)
+
+
+def test_to_float_normalized_checks_its_input():
+    with pytest.raises(ValueError, match="expected uint8 \\(N, H, W, C\\)"):
+        transforms.to_float_normalized(torch.zeros(2, 3, 4, 4), (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="pixels have 3 channels, mean/std have 1/1"):
+        transforms.to_float_normalized(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), (0.5,), (1,))
+
+
+def test_unit_normalization_scales_to_0_1_and_keeps_the_data():
+    from episodes import build_split
+
+    plain = build_split("synthetic", "val", num_classes=4, images_per_class=4)
+    unit = build_split("synthetic", "val", num_classes=4, images_per_class=4, normalize="unit")
+    assert unit.fingerprint == plain.fingerprint and unit.normalization == ((0.0,), (1.0,))
+    episode = EpisodeSampler(unit, 2, 1, 1, seed=0)[0]
+    pixels = unit.images[episode.support_indices.numpy()].transpose(0, 3, 1, 2) / 255.0
+    torch.testing.assert_close(episode.support_x.double(), torch.from_numpy(pixels))
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        build_split("synthetic", "val", num_classes=4, images_per_class=4, normalize="minmax")
