@@ -216,6 +216,7 @@ def test_cleanup_removes_temp_files_of_killed_writers_only(tmp_path: Path) -> No
             assert writer.stdout.readline().strip() == "writing"  # type: ignore[union-attr]
         writers[0].send_signal(signal.SIGKILL)
         writers[0].wait(timeout=30)
+        assert not (tmp_path / "killed.pt").exists()  # never a half-written target
         (tmp_path / "notes.tmp").write_text("a user's file")
         (tmp_path / ".x.tmp").write_text("another program's temp file")
         temps = sorted(p.name for p in tmp_path.iterdir() if is_temp_file(p))
