@@ -36,15 +36,18 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "ContentMismatch",
     "StorageError",
     "TEMP_SUFFIX",
     "as_storage_error",
     "atomic_write",
     "cleanup_stale_temp",
+    "content_hashes",
     "ensure_folder",
     "full_content_hash",
     "is_temp_file",
     "sampled_content_hash",
+    "verify_content",
 ]
 
 #: Suffix of every temp file written by :func:`atomic_write`.
@@ -263,3 +266,35 @@ def sampled_content_hash(array: np.ndarray, rows: int = 64) -> str:
         hasher.update(int(index).to_bytes(8, "little"))
         hasher.update(np.ascontiguousarray(array[index]).tobytes())
     return hasher.hexdigest()
+
+
+class ContentMismatch(ValueError):
+    """An array's content differs from the hash stored for it (a modified or damaged file)."""
+
+
+def content_hashes(array: np.ndarray, full: bool = True) -> dict[str, str]:
+    """``{"sampled": ..., "full": ...}`` of ``array`` (``full`` reads every byte; leave it out
+    with ``full=False``): what a cache index stores to verify its arrays later."""
+    hashes = {"sampled": sampled_content_hash(array)}
+    if full:
+        hashes["full"] = full_content_hash(array)
+    return hashes
+
+
+def verify_content(
+    array: np.ndarray, stored: dict[str, str], source: str | Path, full: bool = False
+) -> None:
+    """Check ``array`` against hashes from :func:`content_hashes`: the sampled one always (when
+    stored), the full one too when ``full``. Raises :class:`ContentMismatch`, one line naming
+    ``source``, on a difference (or when ``full`` is asked and no full hash is stored)."""
+    checks = [("sampled", sampled_content_hash)] + ([("full", full_content_hash)] if full else [])
+    for name, digest in checks:
+        if name not in stored:
+            if name == "full":
+                raise ContentMismatch(f"{source}: no full content hash stored to check against")
+            continue
+        if digest(array) != stored[name]:
+            raise ContentMismatch(
+                f"{source}: content differs from its stored {name} hash (modified or damaged "
+                "file); prepare the data again"
+            )

@@ -264,7 +264,8 @@ def _digest_into(hasher: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         flat = value.detach().cpu().contiguous().reshape(-1)
         hasher.update(f"T{value.dtype};{tuple(value.shape)};".encode())
-        hasher.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        if flat.numel():
+            hasher.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(value, Mapping):
         hasher.update(b"D%d;" % len(value))
         for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):

@@ -23,13 +23,16 @@ import pytest
 
 import episodes.fileio as fileio
 from episodes.fileio import (
+    ContentMismatch,
     StorageError,
     atomic_write,
     cleanup_stale_temp,
+    content_hashes,
     full_content_hash,
     is_temp_file,
     sampled_content_hash,
     sampled_rows,
+    verify_content,
 )
 from fewshot_nsl.runlog import (
     RunDir,
@@ -417,3 +420,24 @@ def test_sampled_content_hash_reads_evenly_spaced_rows() -> None:
     assert full_content_hash(edited) != full_content_hash(images)
     edited[rows[10]] ^= 1
     assert sampled_content_hash(edited) != digest
+
+
+def test_verify_content_against_stored_hashes(tmp_path: Path) -> None:
+    images = np.random.default_rng(2).integers(0, 256, size=(300, 2, 3), dtype=np.uint8)
+    stored = content_hashes(images)
+    np.save(tmp_path / "images.npy", images)
+    verify_content(np.load(tmp_path / "images.npy", mmap_mode="r"), stored, "cache", full=True)
+    zeroed = np.zeros_like(images)
+    with pytest.raises(
+        ContentMismatch,
+        match=r"^cache/images.npy: content differs from its "
+        r"stored sampled hash",
+    ):
+        verify_content(zeroed, stored, "cache/images.npy")
+    one_row = images.copy()
+    one_row[next(i for i in range(300) if i not in set(sampled_rows(300, 64).tolist()))] ^= 1
+    verify_content(one_row, stored, "cache")  # the fast check cannot see it...
+    with pytest.raises(ContentMismatch, match="stored full hash"):
+        verify_content(one_row, stored, "cache", full=True)  # ...the full one does
+    with pytest.raises(ContentMismatch, match="no full content hash stored"):
+        verify_content(images, content_hashes(images, full=False), "cache", full=True)
