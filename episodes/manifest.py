@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from episodes.episode import Episode
+from episodes.fileio import atomic_write
 from episodes.sampler import EpisodeSampler, EpisodeSource, TransformFn
 from episodes.split import ImageSplit
 
@@ -26,19 +26,6 @@ __all__ = ["save_manifest", "load_manifest", "ManifestEpisodes", "DEFAULT_TEST_E
 DEFAULT_TEST_EPISODES = 600
 _FORMAT = "fewshot-nsl-episode-manifest"
 _VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _check_suffix(path: Path) -> str:
@@ -135,7 +122,7 @@ def save_manifest(
             for r in records
         ]
         payload = json.dumps(header, indent=None, separators=(",", ":")).encode()
-        _atomic_write(path, lambda handle: handle.write(payload))
+        atomic_write(path, lambda handle: handle.write(payload))
     else:
         arrays = {
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
@@ -147,7 +134,7 @@ def save_manifest(
             "query_rows": np.concatenate([r[2] for r in records]).astype(np.int64),
             "transform_seed": np.array([r[5] for r in records], dtype=np.uint64),
         }
-        _atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
+        atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
     return path
 
 

@@ -1,8 +1,10 @@
-"""Checkpoints that resume exactly, written atomically.
+"""Checkpoints that resume exactly, written atomically, verified on load.
 
 A checkpoint is one ``torch.save`` file holding::
 
-    {"format": "fewshot-nsl-checkpoint", "version": 1,
+    {"format": "fewshot-nsl-checkpoint", "version": 2,
+     "sha256": content hash of everything else (see state_digest),
+     "kind": "episodic" | "supervised" | None,  # written by train / train-supervised
      "step": int,                         # outer steps completed
      "model": learner.state_dict(),
      "optimizer": ..., "scheduler": ...,  # outer Adam and LR-schedule states
@@ -15,11 +17,22 @@ pipeline needs; the RNG states cover everything else that draws random numbers (
 initialisation of lazily built modules). Loading uses ``torch.load(weights_only=True)``:
 every entry is a tensor or a plain Python value (the numpy RNG key array is stored as a
 tensor for that reason), so a checkpoint cannot run code when loaded.
+
+The content hash is computed over the loaded values (every key, every tensor's dtype, shape
+and bytes, every plain value), not over the file's bytes, so it does not depend on how torch
+lays the file out and survives ``map_location``. Loading recomputes it: a truncated, foreign
+or garbage file raises :class:`CheckpointCorrupt` "truncated or not a fewshot-nsl checkpoint",
+a flipped bit that changes any value "content hash mismatch (file damaged)" (one line, never
+torch's advice to load unsafely). Version-1 checkpoints (written before the hash and the kind
+existed) still load, unverified, with ``"sha256": None``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,21 +43,42 @@ import torch
 from fewshot_nsl.runlog import atomic_write, library_versions
 
 __all__ = [
+    "CheckpointCorrupt",
     "CheckpointMismatch",
     "FORMAT",
+    "KINDS",
+    "NonFiniteState",
     "capture_rng_state",
+    "checkpoint_kind",
     "config_differences",
+    "find_non_finite",
     "load_checkpoint",
+    "require_kind",
+    "resolve_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "state_digest",
+    "write_checkpoint_state",
 ]
 
 FORMAT = "fewshot-nsl-checkpoint"
-VERSION = 1
+VERSION = 2
+#: Versions :func:`load_checkpoint` reads (1: no envelope, no hash, no kind).
+READABLE_VERSIONS = (1, 2)
+#: Task kind -> the command that writes such checkpoints.
+KINDS = {"episodic": "train", "supervised": "train-supervised"}
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the config/model it is loaded into; says what differs."""
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint file is truncated, damaged (hash mismatch) or not a checkpoint at all."""
+
+
+class NonFiniteState(ValueError):
+    """A checkpoint was not written because the state holds NaN or infinite values."""
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -84,6 +118,38 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(python_state), gauss))
 
 
+def infer_kind(config: Mapping[str, Any]) -> str | None:
+    """``"episodic"`` for a ``train`` config (it has ``episodes``), ``"supervised"`` for a
+    ``train-supervised`` one (``train.iterations``), else None."""
+    if "episodes" in config:
+        return "episodic"
+    train = config.get("train")
+    if isinstance(train, Mapping) and "iterations" in train:
+        return "supervised"
+    return None
+
+
+def find_non_finite(state: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating tensors (and floats) in a nested state dict that hold NaN
+    or ±inf, e.g. ``["model.fc.weight", "optimizer.state.0.exp_avg"]``."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() or state.is_complex():
+            return [] if bool(torch.isfinite(state).all()) else [prefix or "<tensor>"]
+        return []
+    if isinstance(state, float):
+        return [] if np.isfinite(state) else [prefix or "<value>"]
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    found = []
+    for key, value in items:
+        found.extend(find_non_finite(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -94,11 +160,26 @@ def save_checkpoint(
     config: Mapping[str, Any],
     data: Mapping[str, str],
     best: Mapping[str, Any] | None = None,
+    kind: str | None = None,
+    require_finite: bool = False,
 ) -> Path:
-    """Write a checkpoint of the run at ``step`` to ``path`` atomically (see module doc)."""
-    payload = {
+    """Write a checkpoint of the run at ``step`` to ``path`` atomically (see module doc).
+
+    Args:
+        kind: ``"episodic"`` or ``"supervised"``; default: inferred from ``config`` (None,
+            stored as such, when the config is neither).
+        require_finite: refuse (:class:`NonFiniteState`, nothing written, the old file kept)
+            when the model or optimizer state or ``best`` holds NaN/inf.
+    Raises :class:`~episodes.fileio.StorageError` when the disk is full or the folder
+    is not writable.
+    """
+    kind = kind if kind is not None else infer_kind(config)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"checkpoint {path}: kind must be one of {sorted(KINDS)}, got {kind!r}")
+    state = {
         "format": FORMAT,
         "version": VERSION,
+        "kind": kind,
         "step": int(step),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -109,33 +190,141 @@ def save_checkpoint(
         "data": dict(data),
         "best": dict(best) if best is not None else None,
     }
-    return atomic_write(path, lambda handle: torch.save(payload, handle))
+    if require_finite:
+        bad = find_non_finite({key: state[key] for key in ("model", "optimizer", "best")})
+        if bad:
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise NonFiniteState(
+                f"checkpoint {path} not written: non-finite values at step {step} in "
+                f"{', '.join(bad[:3])}{more}"
+            )
+    return write_checkpoint_state(path, state)
+
+
+def write_checkpoint_state(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write a checkpoint state (as :func:`load_checkpoint` returns it, possibly edited, or
+    a version-1 one being upgraded) atomically as version 2 with a fresh content hash."""
+    state = {**state, "version": VERSION}
+    state.setdefault("kind", infer_kind(state.get("config") or {}))
+    state["sha256"] = state_digest(state)
+    return atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def _corrupt(path: Path, what: str = "truncated or not a fewshot-nsl checkpoint") -> str:
+    return f"checkpoint {path} is unreadable: {what}"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read and verify a checkpoint written by :func:`save_checkpoint`; returns its state
+    (module doc) with ``"sha256"`` added (None for an unverified version-1 file).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable fewshot-nsl checkpoint (names the file).
+        CheckpointCorrupt: truncated, damaged (content hash mismatch) or garbage file.
+        ValueError: a readable file that is not a fewshot-nsl checkpoint, or of an unknown
+            version (all messages one line naming the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for a truncated/foreign file
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(
-            f"checkpoint {path} is unreadable ({type(error).__name__}: {first_line})"
-        ) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fewshot-nsl checkpoint (no {FORMAT!r} header)")
-    if payload.get("version") != VERSION:
-        raise ValueError(
-            f"checkpoint {path} has format version {payload.get('version')}, expected {VERSION}"
+    state = _torch_load(path, path, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointCorrupt(
+            _corrupt(path, f"not a fewshot-nsl checkpoint (no {FORMAT!r} header)")
         )
-    return payload
+    version = state.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"checkpoint {path} has format version {version}, expected one of "
+            f"{list(READABLE_VERSIONS)} (written by a newer fewshot-nsl?)"
+        )
+    if version == 1:
+        return {**state, "sha256": None}
+    digest = state_digest(state)
+    if digest != state.get("sha256"):
+        raise CheckpointCorrupt(
+            _corrupt(
+                path,
+                "content hash mismatch (file damaged); use another checkpoint "
+                "of the run or a backup",
+            )
+        )
+    return state
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 (hex) of a checkpoint state without its ``"sha256"`` entry: keys in sorted
+    order, tensors by dtype, shape and bytes (on CPU), plain values by type and ``repr``."""
+    hasher = hashlib.sha256()
+    _digest_into(hasher, {key: value for key, value in state.items() if key != "sha256"})
+    return hasher.hexdigest()
+
+
+def _digest_into(hasher: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        hasher.update(f"T{value.dtype};{tuple(value.shape)};".encode())
+        if flat.numel():
+            hasher.update(flat.view(torch.uint8).numpy())  # the buffer itself, no copy
+    elif isinstance(value, Mapping):
+        hasher.update(b"D%d;" % len(value))
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            _digest_into(hasher, key)
+            _digest_into(hasher, value[key])
+    elif isinstance(value, (list, tuple)):
+        hasher.update(b"%s%d;" % (b"L" if isinstance(value, list) else b"U", len(value)))
+        for item in value:
+            _digest_into(hasher, item)
+    else:  # None, bool, int, float, str, bytes: type and exact repr
+        text = f"{type(value).__module__}.{type(value).__qualname__}:{value!r}".encode()
+        hasher.update(struct.pack("<Q", len(text)) + text)
+
+
+def _torch_load(source: Path, path: Path, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` with any failure as :class:`CheckpointCorrupt` (its
+    message would advise loading unsafely, which a damaged file is no reason for)."""
+    try:
+        with warnings.catch_warnings():  # a damaged protocol byte makes torch warn, then fail
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated/foreign file
+        raise CheckpointCorrupt(
+            _corrupt(path, f"truncated or not a fewshot-nsl checkpoint ({type(error).__name__})")
+        ) from None
+
+
+def checkpoint_kind(state: Mapping[str, Any]) -> str | None:
+    """The task kind of a loaded checkpoint: stored (version 2) or inferred from its config."""
+    kind = state.get("kind")
+    if kind is None and isinstance(state.get("config"), Mapping):
+        kind = infer_kind(state["config"])
+    return kind
+
+
+def require_kind(state: Mapping[str, Any], expected: str, source: str | Path) -> None:
+    """:class:`CheckpointMismatch` (one line) unless the checkpoint ``state`` read from
+    ``source`` is of task kind ``expected`` (``"episodic"`` for ``eval``)."""
+    kind = checkpoint_kind(state)
+    if kind != expected:
+        written = f"written by `{KINDS[kind]}`" if kind in KINDS else "of unknown kind"
+        raise CheckpointMismatch(
+            f"{source} is a {kind or 'unknown'} checkpoint ({written}); this needs one "
+            f"written by `{KINDS[expected]}`"
+        )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself for a file; for a run directory its ``best.pt`` (else ``last.pt``).
+    ``FileNotFoundError`` naming what was looked for otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} is a folder without best.pt or last.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
 
 
 def config_differences(

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from fewshot_nsl.checkpoint import write_checkpoint_state
 from fewshot_nsl.cli import format_table, main
 
 TINY_YAML = """
@@ -142,7 +143,7 @@ def test_resume_with_another_architecture_is_refused(tiny: Path, tmp_path: Path,
     # eval of a checkpoint whose weights do not fit its (edited) config: what differs.
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     checkpoint["config"]["model"]["backbone_options"]["filters"] = 8
-    torch.save(checkpoint, tmp_path / "edited.pt")
+    write_checkpoint_state(tmp_path / "edited.pt", checkpoint)  # with a fresh content hash
     status, _, stderr = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "edited.pt"))
     assert status == 2 and "architecture mismatch" in stderr and "shape" in stderr
 
