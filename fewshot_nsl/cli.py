@@ -77,7 +77,8 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     """The results of a run directory that already finished ``train.steps`` steps with this
     config (else None); a checkpoint of another config is an error, as when resuming."""
     from fewshot_nsl.checkpoint import load_checkpoint
-    from fewshot_nsl.runner import check_resumable
+    from fewshot_nsl.engine import check_resumable
+    from fewshot_nsl.runner import RESUMABLE_CHANGES
 
     path = run_dir / "results.json"
     if not path.is_file():
@@ -86,7 +87,7 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     if results.get("steps") != config["train"]["steps"]:
         return None
     last = run_dir / "last.pt"
-    check_resumable(load_checkpoint(last)["config"], config, last)
+    check_resumable(load_checkpoint(last)["config"], config, last, RESUMABLE_CHANGES)
     return results
 
 
@@ -184,7 +185,8 @@ def _comparable(config_a: Mapping[str, Any], config_b: Mapping[str, Any], split_
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from fewshot_nsl.runner import EvalResult, evaluate_shots, resolve_device
+    from fewshot_nsl.engine import resolve_device
+    from fewshot_nsl.evaluation import EvalResult, evaluate_shots
     from fewshot_nsl.stats import paired_difference
 
     device = resolve_device(args.device)

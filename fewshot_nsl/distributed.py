@@ -50,7 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fewshot_nsl.runner import MetaTrainer, resolve_device
+from fewshot_nsl.engine import resolve_device
+from fewshot_nsl.runner import MetaTrainer
 
 __all__ = [
     "BufferSync",
@@ -385,9 +386,13 @@ class DistributedMetaTrainer(MetaTrainer):
         log: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(
-            config, out_dir, rank=context.rank, world_size=context.world_size, quiet=quiet,
+            config,
+            out_dir,
+            rank=context.rank,
+            world_size=context.world_size,
+            quiet=quiet,
             log=log,
-        )  # fmt: skip
+        )
         self.context = context
         if self.device.type == "cuda":
             self.device = context.device
@@ -432,15 +437,15 @@ class DistributedMetaTrainer(MetaTrainer):
         all_reduce_gradients(self.learner.parameters())
         self.buffer_sync.sync()
 
-    def meta_step(self, step: int) -> tuple[float, float]:
-        """One outer step; returns the loss and accuracy averaged over the whole meta-batch
-        (all ranks, weighted by each rank's task count)."""
-        loss, accuracy = super().meta_step(step)
+    def gradient_step(self, step: int) -> dict[str, float]:
+        """One outer step's meta-gradients; returns the loss and accuracy averaged over the
+        whole meta-batch (all ranks, weighted by each rank's task count)."""
+        metrics = super().gradient_step(step)
         count = len(self.batcher.episode_indices(step))
         loss_sum, accuracy_sum, total = all_reduce_sums(
-            [loss * count, accuracy * count, count], self.device
+            [metrics["loss"] * count, metrics["accuracy"] * count, count], self.device
         )
-        return loss_sum / total, accuracy_sum / total
+        return {"loss": loss_sum / total, "accuracy": accuracy_sum / total}
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's round-robin share of evaluation episode ``indices``."""

@@ -44,7 +44,8 @@ from fewshot_nsl.distributed import (
     shutdown,
     world_from_env,
 )
-from fewshot_nsl.runner import MetaTrainer, evaluate_shots
+from fewshot_nsl.evaluation import evaluate_shots
+from fewshot_nsl.runner import MetaTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,9 @@ from fewshot_nsl.checkpoint import (
     save_checkpoint,
 )
 from fewshot_nsl.config import ConfigError, resolve_config
+from fewshot_nsl.evaluation import evaluate_episodes
 from fewshot_nsl.runlog import RunDir
-from fewshot_nsl.runner import (
-    DatasetNotFound,
-    LRFactor,
-    MetaTrainer,
-    evaluate_episodes,
-    load_split,
-)
-from fewshot_nsl.stats import Z95, mean_ci, paired_difference
+from fewshot_nsl.runner import DatasetNotFound, MetaTrainer, load_split
 
 #: A run small enough for the unit tests: 16×16 glyphs, Conv-4 with 4 filters, 1 inner step.
 TINY: dict[str, Any] = {
@@ -64,47 +57,7 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-# -- statistics --------------------------------------------------------------------------
-
-
-def test_mean_ci_matches_a_naive_float64_computation() -> None:
-    rng = np.random.default_rng(0)
-    values = rng.uniform(0, 1, size=37)
-    mean = sum(values) / len(values)
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    result = mean_ci(values)
-    assert result.mean == pytest.approx(mean, abs=1e-12)
-    assert result.std == pytest.approx(math.sqrt(variance), abs=1e-12)
-    assert result.ci95 == pytest.approx(1.96 * math.sqrt(variance) / math.sqrt(37), abs=1e-12)
-    assert result.n == 37 and Z95 == 1.96
-    assert result.format() == f"{100 * mean:.2f} ± {100 * result.ci95:.2f}"
-    assert math.isnan(mean_ci([0.5]).ci95)
-    with pytest.raises(ValueError, match="non-empty 1-D"):
-        mean_ci([])
-
-
-def test_paired_difference_is_the_ci_of_the_differences() -> None:
-    rng = np.random.default_rng(1)
-    a = rng.uniform(0.4, 0.9, size=50)
-    b = a - 0.02 + rng.normal(0, 0.01, size=50)  # b tracks a closely: pairing matters
-    paired = paired_difference(a, b)
-    assert paired.mean == pytest.approx(np.mean(a - b))
-    assert paired.ci95 == pytest.approx(1.96 * np.std(a - b, ddof=1) / math.sqrt(50))
-    # The paired interval is far tighter than the unpaired intervals would suggest.
-    assert paired.ci95 < 0.2 * (mean_ci(a).ci95 + mean_ci(b).ci95)
-    with pytest.raises(ValueError, match="same episodes"):
-        paired_difference(a, b[:-1])
-
-
-# -- schedules, RNG, checkpoints -----------------------------------------------------------
-
-
-def test_lr_factors() -> None:
-    assert LRFactor("constant", 100)(57) == 1.0
-    cosine = LRFactor("cosine", 100)
-    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0)
-    step = LRFactor("step", 100, [10, 20], gamma=0.5)
-    assert [step(s) for s in (0, 9, 10, 19, 20, 99)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+# -- RNG, checkpoints (tests of fewshot_nsl.checkpoint) ------------------------------------
 
 
 def test_rng_state_round_trip() -> None:
@@ -249,14 +202,14 @@ def build(*, conv_factory, in_channels, **options):
 
 def _interrupt_at(trainer: MetaTrainer, step: int) -> None:
     """Make ``trainer`` die (like a kill) when it starts outer step ``step``."""
-    original = trainer.meta_step
+    original = trainer.step_once
 
-    def meta_step(current: int) -> tuple[float, float]:
+    def step_once(current: int) -> dict[str, float]:
         if current == step:
             raise KeyboardInterrupt
         return original(current)
 
-    trainer.meta_step = meta_step  # type: ignore[method-assign]
+    trainer.step_once = step_once  # type: ignore[method-assign]
 
 
 @pytest.mark.slow
@@ -282,7 +235,7 @@ def test_killed_run_resumes_bit_identically_with_dropout(
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3
     torch.manual_seed(4321)  # the new process's RNGs are elsewhere
     if not restore_rng:
-        monkeypatch.setattr("fewshot_nsl.runner.restore_rng_state", lambda state: None)
+        monkeypatch.setattr("fewshot_nsl.engine.restore_rng_state", lambda state: None)
     MetaTrainer(config, tmp_path / "killed", quiet=True).fit(resume=True)
 
     a = _parameters(tmp_path / "full" / "last.pt")
@@ -375,7 +328,7 @@ def test_bad_learner_options_surface_as_config_errors(tmp_path: Path) -> None:
 def test_progress_bar_path_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     """With a terminal, progress goes through tqdm (bar with loss/acc, val lines above it)."""
-    monkeypatch.setattr("fewshot_nsl.runner._progress_enabled", lambda quiet: not quiet)
+    monkeypatch.setattr("fewshot_nsl.engine._progress_enabled", lambda quiet: not quiet)
     config = tiny_config("train.steps=3", "episodes.test_shots=[1]", "episodes.test_episodes=2")
     MetaTrainer(config, tmp_path, quiet=False).fit()
     err = capsys.readouterr().err

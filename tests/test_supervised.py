@@ -31,7 +31,6 @@ from fewshot_nsl.supervised import (
 )
 from fewshot_nsl.supervised.data import TrainBatches
 from fewshot_nsl.supervised.model import count_parameters, parameter_groups
-from fewshot_nsl.supervised.train import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,14 +277,6 @@ def test_models_and_parameter_counts():
     assert linear(torch.zeros(3, 3, 16, 16)).shape == (3, 5)
 
 
-def test_lr_schedule_of_the_recipe():
-    milestones = [20000, 30000, 37500]
-    factors = [lr_multiplier(i, milestones, 0.1) for i in (0, 19999, 20000, 30000, 37499, 37500)]
-    np.testing.assert_allclose(factors, [1, 1, 0.1, 0.01, 0.01, 0.001])
-    warm = [lr_multiplier(i, [3], 0.1, warmup=4) for i in range(6)]
-    np.testing.assert_allclose(warm, [0.25, 0.5, 0.75, 0.1, 0.1, 0.1])
-
-
 def test_train_batches_are_epoch_permutations_and_reproducible():
     labels = np.arange(10)
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(2, axis=1)
@@ -316,8 +307,9 @@ def test_compare_throughput_reports_ratios():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_training_decreases_the_loss(variant, glyphs):
-    trainer = SupervisedTrainer(tiny_config(VARIANTS[variant]), glyphs)
-    losses = [trainer.step()["loss"] for _ in range(15)]
+    trainer = SupervisedTrainer(tiny_config(VARIANTS[variant]), data=glyphs)
+    trainer.build()
+    losses = [trainer.step_once(step)["loss"] for step in range(15)]
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.5 * first, (variant, losses)
 
