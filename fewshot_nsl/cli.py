@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from fewshot_nsl.checkpoint import CheckpointMismatch
-from fewshot_nsl.config import ConfigError, dump_config, iter_runs, load_config
+from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
+from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, load_fewshot_config
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
 __all__ = ["main", "build_parser", "format_table", "result_rows"]
@@ -87,7 +88,8 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     if results.get("steps") != config["train"]["steps"]:
         return None
     last = run_dir / "last.pt"
-    check_resumable(load_checkpoint(last)["config"], config, last, RESUMABLE_CHANGES)
+    saved = normalized_config(load_checkpoint(last)["config"], FEWSHOT_DEFAULTS)
+    check_resumable(saved, config, last, RESUMABLE_CHANGES)
     return results
 
 
@@ -101,7 +103,7 @@ def command_train(args: argparse.Namespace) -> int:
     if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"--resume {resume_dir}: no config.yaml, not a run directory")
     config_path = Path(args.config) if args.config else resume_dir / "config.yaml"
-    config = load_config(config_path, args.overrides)
+    config = load_fewshot_config(config_path, args.overrides)
     root = Path(args.out) if args.out else resume_dir or run_dir_for(config)
     multi = bool(config.get("runs"))
     if multi:

@@ -57,7 +57,7 @@ from fewshot_nsl.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fewshot_nsl.config import ConfigError
+from fewshot_nsl.config import ConfigError, normalized_config
 from fewshot_nsl.runlog import RunDir
 
 __all__ = [
@@ -175,6 +175,9 @@ class Engine(ABC):
     #: Config keys that may change between an interrupted run and its resumption (they do
     #: not change the trajectory up to the checkpoint); a key ending in "." names a section.
     resumable_changes: tuple[str, ...] = ()
+    #: The task's config schema (defaults): a checkpoint's config is resolved again with it
+    #: before the resume comparison, so fields added since it was written do not count.
+    schema: Mapping[str, Any] = {}
     #: Event name of the periodic evaluation records in ``metrics.jsonl``.
     eval_event = "val"
 
@@ -300,7 +303,10 @@ class Engine(ABC):
         RNG states; the metrics log is cut back to the checkpoint's step."""
         assert self.model is not None and self.run_dir is not None, "call build() first"
         checkpoint = load_checkpoint(path, map_location=self.device)
-        check_resumable(checkpoint["config"], self.config, path, self.resumable_changes)
+        saved = checkpoint["config"]
+        if self.schema:
+            saved = normalized_config(saved, self.schema)
+        check_resumable(saved, self.config, path, self.resumable_changes)
         stale = {
             name: (checkpoint["data"].get(name), current)
             for name, current in self.fingerprints().items()

@@ -47,6 +47,7 @@ from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
 from fewshot_nsl.evaluation import EvalResult, evaluate_episodes, evaluate_shots, test_source
+from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS
 from fewshot_nsl.learners import Learner, build_learner
 from fewshot_nsl.stats import MeanCI, mean_ci
 
@@ -149,6 +150,7 @@ class MetaTrainer(Engine):
     """
 
     resumable_changes = RESUMABLE_CHANGES
+    schema = FEWSHOT_DEFAULTS
     eval_event = "val"
 
     def __init__(

@@ -30,7 +30,7 @@ from torch import nn
 
 from episodes import TaskBatcher
 from fewshot_nsl.cli import main as cli_main
-from fewshot_nsl.config import dump_config, resolve_config
+from fewshot_nsl.config import dump_config
 from fewshot_nsl.distributed import (
     BufferSync,
     DistributedContext,
@@ -45,6 +45,7 @@ from fewshot_nsl.distributed import (
     world_from_env,
 )
 from fewshot_nsl.evaluation import evaluate_shots
+from fewshot_nsl.fewshot_config import resolve_fewshot_config
 from fewshot_nsl.runner import MetaTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def bias_free_backbone(*, conv_factory: Any, in_channels: int, width: int = 8) -
 def tiny_config(steps: int, tasks_per_batch: int = 4) -> dict[str, Any]:
     """A seconds-long run: 3-way 1-shot glyphs at 16×16, a bias-free 2-block CNN, MAML with a
     second-order inner step and the "running" BatchNorm policy (so buffers must be synced)."""
-    return resolve_config(
+    return resolve_fewshot_config(
         {
             "name": "dist",
             "data": {

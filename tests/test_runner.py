@@ -18,8 +18,9 @@ from fewshot_nsl.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fewshot_nsl.config import ConfigError, resolve_config
+from fewshot_nsl.config import ConfigError
 from fewshot_nsl.evaluation import evaluate_episodes
+from fewshot_nsl.fewshot_config import resolve_fewshot_config
 from fewshot_nsl.runlog import RunDir
 from fewshot_nsl.runner import DatasetNotFound, MetaTrainer, load_split
 
@@ -45,7 +46,7 @@ def tiny_config(*overrides: str, **sections: dict[str, Any]) -> dict[str, Any]:
                for key, value in TINY.items()}  # fmt: skip
     for key, value in sections.items():
         payload[key] = {**payload.get(key, {}), **value}
-    return resolve_config(payload, list(overrides))
+    return resolve_fewshot_config(payload, list(overrides))
 
 
 @pytest.fixture(autouse=True)
@@ -141,42 +142,6 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path: Path) -> None:
 
 def _parameters(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
-
-
-@pytest.mark.slow
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    """6 steps in one go vs 3 steps, a fresh process-like restart, 3 more: same bits."""
-    # Augmentation on, so the episode transforms (seeded per episode) are exercised too.
-    quick = ["episodes.test_shots=[1]", "episodes.test_episodes=1", "episodes.val_episodes=2"]
-    config = tiny_config(*quick, data={"augment": True})
-    full = MetaTrainer(config, tmp_path / "full", quiet=True)
-    full.fit()
-
-    part = MetaTrainer(tiny_config("train.steps=3", *quick, data={"augment": True}),
-                       tmp_path / "part", quiet=True)  # fmt: skip
-    part.fit()
-    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 3
-    torch.manual_seed(1234)  # the restarted process's RNGs are in some other state
-    np.random.seed(99)
-    resumed = MetaTrainer(config, tmp_path / "part", quiet=True)
-    resumed.fit(resume=True)
-
-    a, b = _parameters(tmp_path / "full" / "last.pt"), _parameters(tmp_path / "part" / "last.pt")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    opt_a = load_checkpoint(tmp_path / "full" / "last.pt")["optimizer"]["state"]
-    opt_b = load_checkpoint(tmp_path / "part" / "last.pt")["optimizer"]["state"]
-    for key in opt_a:
-        assert torch.equal(opt_a[key]["exp_avg_sq"], opt_b[key]["exp_avg_sq"])
-    # The metrics log continues where the checkpoint was: no step twice, none lost.
-    steps = [r["step"] for r in RunDir(tmp_path / "part").metrics() if r["event"] == "train"]
-    assert steps == [2, 3, 4, 6]  # 3: the end of the first, 3-step, invocation
-    # Sanity: training changed the weights (the comparison is not trivially true).
-    initial = MetaTrainer(config, tmp_path / "init", quiet=True)
-    initial.setup()
-    start = initial.learner.state_dict()
-    assert any(not torch.equal(start[name], a[name]) for name in a)
 
 
 DROPOUT_BACKBONE = """

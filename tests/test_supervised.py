@@ -315,40 +315,6 @@ def test_training_decreases_the_loss(variant, glyphs):
 
 
 @pytest.mark.slow
-def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, glyphs):
-    config = tiny_config(VARIANTS["static_shared"], iterations=6, checkpoint_every=3)
-    config["data"]["augment"] = True  # augmentation must resume exactly too
-    config["eval"]["speed_rounds"] = 0
-    run_supervised(config, out_dir=tmp_path / "full", progress=False, data=glyphs)
-    run_supervised(
-        {**config, "train": {**config["train"], "iterations": 3}},
-        out_dir=tmp_path / "part",
-        progress=False,
-        data=glyphs,
-    )
-    run_supervised(
-        config,
-        out_dir=tmp_path / "part",
-        resume=True,
-        progress=False,
-        data=glyphs,
-        log=lambda line: None,
-    )
-    full, _ = load_trained_model(tmp_path / "full" / "last.pt")
-    part, _ = load_trained_model(tmp_path / "part" / "last.pt")
-    for (name, a), b in zip(full.state_dict().items(), part.state_dict().values()):
-        assert torch.equal(a, b), name
-    steps = [
-        r["step"]
-        for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").open())
-        if r["event"] == "train"
-    ]
-    # Records of the interrupted run after its checkpoint are dropped, none duplicated: step 3
-    # is the short run's final log, 5 (log_every) and 6 (the end) come from the resumed one.
-    assert steps == [3, 5, 6]
-
-
-@pytest.mark.slow
 def test_folded_export_predicts_identically_without_the_package(tmp_path, glyphs):
     config = tiny_config(VARIANTS["static_disjoint"], iterations=5)
     results = run_supervised(config, out_dir=tmp_path / "run", progress=False, data=glyphs)

@@ -26,6 +26,7 @@ from torch import nn
 from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
 from fewshot_nsl.nn import fold_model, similarity_penalty
+from fewshot_nsl.supervised.config import SUPERVISED_DEFAULTS
 from fewshot_nsl.supervised.data import (
     ClassificationData,
     TrainBatches,
@@ -40,8 +41,6 @@ from fewshot_nsl.supervised.model import (
     plain_twin_config,
 )
 from fewshot_nsl.supervised.speed import compare_throughput
-
-PENALTY_TARGETS = ("zero", "identity")
 
 
 def run_dir_for(config: Mapping[str, Any]) -> Path:
@@ -164,6 +163,7 @@ class SupervisedTrainer(Engine):
         "train.out_dir",
         "eval.",
     )
+    schema = SUPERVISED_DEFAULTS
     eval_event = "test"
     final_evaluation = True
 
