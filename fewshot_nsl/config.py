@@ -1,5 +1,8 @@
 """Experiment configs: defaults ← YAML file ← dotted command-line overrides, validated.
 
+Over 400 lines: fields, validation, the one merge, overrides and loading are one engine,
+used only together; splitting it would spread one contract over several files.
+
 This is the generic config engine (stdlib + yaml only, at the bottom of the package); the
 schemas live beside what they configure: :mod:`fewshot_nsl.fewshot_config` (few-shot
 meta-learning) and :mod:`fewshot_nsl.supervised.config` (supervised classification).
@@ -212,9 +215,7 @@ def _validate_section(prefix: str, values: Mapping[str, Any], schema: Mapping[st
         dotted = f"{prefix}{key}"
         if key not in schema:
             where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(
-                f"{dotted}: unknown key in {where}; allowed keys: {sorted(schema)}"
-            )
+            raise ConfigError(f"{dotted}: unknown key in {where}; allowed keys: {sorted(schema)}")
         spec = schema[key]
         if isinstance(spec, Open):
             if value is None:

@@ -1,5 +1,8 @@
 """Data-parallel meta-training on ``torch.distributed`` (launched with ``torchrun``).
 
+Over 400 lines: the process group, its collectives and the trainer that uses them are one
+mechanism; the single-process path never imports it.
+
 The meta-batch of ``episodes.tasks_per_batch`` tasks (the *global* batch) is split over the
 ranks by :class:`episodes.TaskBatcher`: rank ``r`` of ``W`` takes tasks ``j ≡ r (mod W)`` of
 step ``s``, i.e. episodes ``s·T + j``. Episode indices depend on the step and the task slot
@@ -300,7 +303,7 @@ def gather_shards(local: np.ndarray, total: int, context: DistributedContext) ->
     result = np.empty(total, dtype=np.float64)
     for rank, share in enumerate(shares):
         count = len(range(rank, total, context.world_size))
-        result[rank::context.world_size] = share[:count].cpu().numpy()
+        result[rank :: context.world_size] = share[:count].cpu().numpy()
     return result
 
 

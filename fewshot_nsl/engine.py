@@ -1,5 +1,8 @@
 """The training engine: one loop, one run directory, one checkpoint format for every task.
 
+Over 400 lines: the one training loop and every decision about a run directory belong in
+one file, so that a guarantee about runs is written once.
+
 A *task* is a subclass of :class:`Engine` that supplies what differs between kinds of
 training; the engine does everything else, once:
 

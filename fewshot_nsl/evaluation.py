@@ -74,9 +74,13 @@ def test_source(
         source = load_manifest(path, split, way=episodes["way"], shot=shot)
         return source, len(source), f"manifest {path}"
     sampler = EpisodeSampler(
-        split, episodes["way"], shot, episodes["test_query"], seed=episodes["eval_seed"],
+        split,
+        episodes["way"],
+        shot,
+        episodes["test_query"],
+        seed=episodes["eval_seed"],
         num_episodes=num_episodes,
-    )  # fmt: skip
+    )
     return sampler, num_episodes, f"sampler seed {episodes['eval_seed']}"
 
 
@@ -136,5 +140,3 @@ def evaluate_shots(
         query = config["episodes"]["test_query"] if not manifest else source.episode(0).query
         results[shot] = EvalResult(config["episodes"]["way"], shot, query, accuracies, description)
     return results
-
-

@@ -137,6 +137,7 @@ def run_dir_for(config: Mapping[str, Any]) -> Path:
     """Output folder of a run: ``train.out_dir``, else ``runs/NAME``."""
     return Path(config["train"]["out_dir"] or Path("runs") / str(config["name"] or "run"))
 
+
 class MetaTrainer(Engine):
     """Meta-train, validate and test one run (see the module docstring).
 
@@ -163,9 +164,7 @@ class MetaTrainer(Engine):
         quiet: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(
-            config, out_dir, rank=rank, world_size=world_size, quiet=quiet, log=log
-        )
+        super().__init__(config, out_dir, rank=rank, world_size=world_size, quiet=quiet, log=log)
         self.splits: dict[str, ImageSplit] = {}
         self.val_sampler: EpisodeSampler | None = None
 
@@ -363,7 +362,11 @@ class MetaTrainer(Engine):
         for shot, result in tests.items():
             summary = result.summary
             self.log_event(
-                "test", self.step, shot=shot, accuracy=summary.mean, ci95=summary.ci95,
+                "test",
+                self.step,
+                shot=shot,
+                accuracy=summary.mean,
+                ci95=summary.ci95,
                 episodes=summary.n,
             )
         return self.results(tests, self.elapsed_s())

@@ -64,15 +64,21 @@ def test_wrong_type_is_named() -> None:
 def test_enumerations_list_the_allowed_values() -> None:
     with pytest.raises(ConfigError, match=r"learner\.name: got 'mam'; allowed: \[.*'maml'"):
         resolve_fewshot_config({"learner": {"name": "mam"}})
-    with pytest.raises(ConfigError, match=r"data\.dataset: got 'imagenet'; allowed values: .*"
-                                          r"'mini-imagenet'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.dataset: got 'imagenet'; allowed values: .*"
+        r"'mini-imagenet'",
+    ):
         resolve_fewshot_config({"data": {"dataset": "imagenet"}})
     with pytest.raises(ConfigError, match=r"model\.conv: .*kind.*'plain', 'static', 'dynamic'"):
         resolve_fewshot_config({"model": {"conv": {"kind": "sparse"}}})
     with pytest.raises(ConfigError, match=r"learner\.bn: .*'transductive'"):
         resolve_fewshot_config({"learner": {"name": "maml", "bn": "frozen"}})
-    with pytest.raises(ConfigError, match=r"train\.lr_schedule: got 'linear'; allowed values: "
-                                          r"\['constant', 'cosine', 'step'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.lr_schedule: got 'linear'; allowed values: "
+        r"\['constant', 'cosine', 'step'\]",
+    ):
         resolve_fewshot_config({"train": {"lr_schedule": "linear"}})
     with pytest.raises(ConfigError, match=r"model\.backbone: got 'vgg'; allowed: \["):
         resolve_fewshot_config({"model": {"backbone": "vgg"}})
@@ -81,8 +87,11 @@ def test_enumerations_list_the_allowed_values() -> None:
 
 
 def test_learner_options_are_checked_against_the_learner_and_filled_in() -> None:
-    with pytest.raises(ConfigError, match=r"learner\.inner_steps: unknown option for learner "
-                                          r"'protonet'; allowed options: \['similarity_penalty'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"learner\.inner_steps: unknown option for learner "
+        r"'protonet'; allowed options: \['similarity_penalty'\]",
+    ):
         resolve_fewshot_config({"learner": {"name": "protonet", "inner_steps": 3}})
     with pytest.raises(ConfigError, match=r"learner\.inner_steps: got 2\.5"):
         resolve_fewshot_config({"learner": {"name": "maml", "inner_steps": 2.5}})

@@ -29,21 +29,39 @@ TINY: dict[str, Any] = {
     "name": "tiny",
     "data": {
         "dataset": "synthetic",
-        "options": {"image_size": 16, "images_per_class": 8,
-                    "num_classes": {"train": 10, "val": 6, "test": 6}},
+        "options": {
+            "image_size": 16,
+            "images_per_class": 8,
+            "num_classes": {"train": 10, "val": 6, "test": 6},
+        },
     },
-    "episodes": {"way": 3, "shot": 1, "query": 2, "tasks_per_batch": 2, "val_episodes": 4,
-                 "test_episodes": 5, "test_shots": [1, 5], "test_query": 2},
+    "episodes": {
+        "way": 3,
+        "shot": 1,
+        "query": 2,
+        "tasks_per_batch": 2,
+        "val_episodes": 4,
+        "test_episodes": 5,
+        "test_shots": [1, 5],
+        "test_query": 2,
+    },
     "model": {"backbone_options": {"filters": 4, "image_size": 16}},
     "learner": {"name": "maml", "inner_steps": 1, "inner_steps_eval": 2, "inner_lr": 0.1},
-    "train": {"steps": 6, "val_every": 3, "checkpoint_every": 3, "log_every": 2, "lr": 0.01,
-              "device": "cpu"},
-}  # fmt: skip
+    "train": {
+        "steps": 6,
+        "val_every": 3,
+        "checkpoint_every": 3,
+        "log_every": 2,
+        "lr": 0.01,
+        "device": "cpu",
+    },
+}
 
 
 def tiny_config(*overrides: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    payload = {key: dict(value) if isinstance(value, dict) else value
-               for key, value in TINY.items()}  # fmt: skip
+    payload = {
+        key: dict(value) if isinstance(value, dict) else value for key, value in TINY.items()
+    }
     for key, value in sections.items():
         payload[key] = {**payload.get(key, {}), **value}
     return resolve_fewshot_config(payload, list(overrides))
@@ -73,8 +91,15 @@ def test_rng_state_round_trip() -> None:
 
 def _save_small(path: Path, model: torch.nn.Module, step: int) -> Path:
     optimizer = torch.optim.Adam(model.parameters())
-    return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=None, step=step,
-                           config={"name": "x"}, data={"train": "abc"})  # fmt: skip
+    return save_checkpoint(
+        path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=None,
+        step=step,
+        config={"name": "x"},
+        data={"train": "abc"},
+    )
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
@@ -117,8 +142,11 @@ def test_a_failure_during_save_leaves_the_old_checkpoint_intact(
 
 def test_architecture_mismatch_says_what_differs() -> None:
     small, large = torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 4))
-    with pytest.raises(CheckpointMismatch, match=r"architecture mismatch.*missing in checkpoint: "
-                                                 r"0\.bias, 0\.weight.*not in this model: bias"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"architecture mismatch.*missing in checkpoint: "
+        r"0\.bias, 0\.weight.*not in this model: bias",
+    ):
         load_model_state(large, small.state_dict(), "ckpt.pt")
     with pytest.raises(CheckpointMismatch, match=r"shape .*weight \(2, 3\) vs \(4, 3\)"):
         load_model_state(torch.nn.Linear(3, 4), small.state_dict(), "ckpt.pt")
@@ -128,8 +156,9 @@ def test_architecture_mismatch_says_what_differs() -> None:
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path: Path) -> None:
-    config = tiny_config(data={"dataset": "mini-imagenet", "root": str(tmp_path / "nowhere"),
-                               "options": {}})  # fmt: skip
+    config = tiny_config(
+        data={"dataset": "mini-imagenet", "root": str(tmp_path / "nowhere"), "options": {}}
+    )
     with pytest.raises(DatasetNotFound, match=r"fewshot-nsl prepare-data --dataset mini-imagenet"):
         load_split(config, "train")
     config = tiny_config(data={"dataset": "mini-imagenet", "root": None, "options": {}})
@@ -188,9 +217,11 @@ def test_killed_run_resumes_bit_identically_with_dropout(
     (tmp_path / "dropout_backbone.py").write_text(DROPOUT_BACKBONE)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tiny_config(
-        "episodes.test_shots=[1]", "episodes.test_episodes=1", "episodes.val_episodes=2",
+        "episodes.test_shots=[1]",
+        "episodes.test_episodes=1",
+        "episodes.val_episodes=2",
         model={"backbone": "dropout_backbone:build", "backbone_options": {"filters": 4}},
-    )  # fmt: skip
+    )
     MetaTrainer(config, tmp_path / "full", quiet=True).fit()
 
     killed = MetaTrainer(config, tmp_path / "killed", quiet=True)
@@ -216,8 +247,14 @@ def test_killed_run_resumes_bit_identically_with_dropout(
 def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
     results = MetaTrainer(tiny_config(), tmp_path, quiet=True).fit()
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt",
-            "results.json"} <= names  # fmt: skip
+    assert {
+        "config.yaml",
+        "meta.json",
+        "metrics.jsonl",
+        "best.pt",
+        "last.pt",
+        "results.json",
+    } <= names
     run = RunDir(tmp_path)
     meta = run.read_json("meta.json")
     assert set(meta["data"]) == {"train", "val", "test"} and "torch" in meta["versions"]
@@ -239,8 +276,11 @@ def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
     MetaTrainer(tiny_config("train.steps=1"), tmp_path, quiet=True).fit()
     other = tiny_config("train.steps=2", "model.backbone_options.filters=8")
-    with pytest.raises(CheckpointMismatch, match=r"model\.backbone_options\.filters: "
-                                                 r"checkpoint 4, config 8"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"model\.backbone_options\.filters: "
+        r"checkpoint 4, config 8",
+    ):
         MetaTrainer(other, tmp_path, quiet=True).fit(resume=True)
 
 
@@ -290,8 +330,9 @@ def test_bad_learner_options_surface_as_config_errors(tmp_path: Path) -> None:
         MetaTrainer(config, tmp_path, quiet=True).setup()
 
 
-def test_progress_bar_path_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_progress_bar_path_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """With a terminal, progress goes through tqdm (bar with loss/acc, val lines above it)."""
     monkeypatch.setattr("fewshot_nsl.engine._progress_enabled", lambda quiet: not quiet)
     config = tiny_config("train.steps=3", "episodes.test_shots=[1]", "episodes.test_episodes=2")

@@ -1,4 +1,7 @@
-"""Supervised NSN classification (fewshot_nsl.supervised): data, config, model, training, export."""
+"""Supervised NSN classification (fewshot_nsl.supervised): data, config, model, training, export.
+
+Over 400 lines: mirrors the whole supervised package (data, model, schema, training, export).
+"""
 
 from __future__ import annotations
 
@@ -360,8 +363,9 @@ def test_folded_export_predicts_identically_without_the_package(tmp_path, glyphs
     assert error == pytest.approx(results["test_error"], abs=0)
 
     # Without --fold the NSL layers are exported as they are (same predictions, NSL speed).
-    unfolded, meta = load_exported(export_model(tmp_path / "run" / "last.pt",
-                                                tmp_path / "nsl.pt2", fold=False))
+    unfolded, meta = load_exported(
+        export_model(tmp_path / "run" / "last.pt", tmp_path / "nsl.pt2", fold=False)
+    )
     assert not meta["folded"]
     with torch.no_grad():
         torch.testing.assert_close(unfolded(images), reference, rtol=1e-4, atol=1e-4)
@@ -378,15 +382,34 @@ def test_cli_trains_and_refuses_to_fold_a_dynamic_network(tmp_path, capsys):
         f"model: {{backbone: cnn9, backbone_options: {json.dumps(TINY_BACKBONE)}, "
         "conv: {kind: dynamic, similarity: diagonal, granularity: sample, hidden: 4}}\n"
     )
-    status = main([
-        "train-supervised", "--config", str(config_path), "--out", str(tmp_path / "run"),
-        "--quiet", "train.iterations=2", "train.batch_size=8", "train.device=cpu",
-        "eval.speed_rounds=1", "eval.speed_repeats=1", "eval.speed_batch_size=4",
-    ])
+    status = main(
+        [
+            "train-supervised",
+            "--config",
+            str(config_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+            "train.iterations=2",
+            "train.batch_size=8",
+            "train.device=cpu",
+            "eval.speed_rounds=1",
+            "eval.speed_repeats=1",
+            "eval.speed_batch_size=4",
+        ]
+    )
     assert status == 0 and "test error" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "results.json").read_text())["iterations"] == 2
-    status = main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"),
-                   "--out", str(tmp_path / "m.pt2"), "--fold"])
+    status = main(
+        [
+            "export",
+            "--checkpoint",
+            str(tmp_path / "run" / "last.pt"),
+            "--out",
+            str(tmp_path / "m.pt2"),
+            "--fold",
+        ]
+    )
     assert status == 2
     assert "dynamic NSL layers" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
     status = main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", "x.pt2"])

@@ -34,9 +34,7 @@ def _non_negative_float(value: float) -> float:
 
 
 def _channel_floats(value: list[Any]) -> list[float]:
-    if not value or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
+    if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ValueError(f"must be a non-empty list of numbers (one per channel), got {value!r}")
     return [float(v) for v in value]
 

@@ -62,11 +62,15 @@ def format_results(results: Mapping[str, Any]) -> str:
     if "inference_images_per_s" in results:
         lines.append(f"  inference {results['inference_images_per_s']:.0f} images/s")
     if "folded_test_error" in results:
-        line = (f"  folded: test error {100 * results['folded_test_error']:.2f}%, "
-                f"{results['folded_parameters']:,} parameters")
+        line = (
+            f"  folded: test error {100 * results['folded_test_error']:.2f}%, "
+            f"{results['folded_parameters']:,} parameters"
+        )
         if "folded_inference_images_per_s" in results:
-            line += (f", {results['folded_inference_images_per_s']:.0f} images/s "
-                     f"({results['folded_time_ratio']:.2f}x the unfolded time)")
+            line += (
+                f", {results['folded_inference_images_per_s']:.0f} images/s "
+                f"({results['folded_time_ratio']:.2f}x the unfolded time)"
+            )
         lines.append(line)
     lines.append(f"  run directory: {results['run_dir']}")
     return "\n".join(lines)
