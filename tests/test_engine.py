@@ -139,3 +139,30 @@ def test_a_checkpoint_of_an_older_schema_still_resumes(tmp_path: Path) -> None:
     changed.config["train"]["lr"] = 0.5
     with pytest.raises(CheckpointMismatch, match=r"train\.lr"):
         changed.fit(resume=True)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_a_saved_schedule_resumes_at_its_step(tmp_path: Path) -> None:
+    """Supervised checkpoints written before the engine saved no scheduler state: the
+    learning rate of the checkpoint's step is recomputed (warm-up and milestones matter)."""
+
+    def make(steps: int, out: Path) -> Engine:
+        trainer = _supervised(steps, out)
+        trainer.config["train"].update(warmup_iterations=4, lr_milestones=[5])
+        return trainer
+
+    make(6, tmp_path / "full").fit()
+    part = make(3, tmp_path / "part")
+    part.fit()
+    # Written like an old checkpoint: no scheduler, and the rate of the last step taken
+    # (the old loop set it before each step) rather than of the next one.
+    for group in part.optimizer.param_groups:
+        group["lr"] = part.config["train"]["lr"] * part.lr_schedule()(2)
+    part.scheduler = None  # type: ignore[assignment]
+    part.save("last.pt")
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["scheduler"] is None
+    make(6, tmp_path / "part").fit(resume=True)
+    full = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
