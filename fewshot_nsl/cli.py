@@ -1,5 +1,8 @@
 """The ``fewshot-nsl`` command line (see docs/cli.md).
 
+Over 400 lines: the parser and the handlers of every few-shot command (train, eval,
+prepare-data, list) in one place, each a short function over the library.
+
 Commands: ``train`` (meta-train + test, resumable), ``eval`` (score checkpoints on frozen test
 episodes, paired comparison), ``prepare-data`` (build a dataset cache), ``list`` (datasets,
 backbones, learners, configs), plus the supervised commands of :mod:`fewshot_nsl.supervised`.
@@ -23,7 +26,8 @@ from typing import Any
 import torch
 
 from fewshot_nsl.checkpoint import CheckpointMismatch
-from fewshot_nsl.config import ConfigError, dump_config, iter_runs, load_config
+from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
+from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, load_fewshot_config
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
 __all__ = ["main", "build_parser", "format_table", "result_rows"]
@@ -57,8 +61,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     if not rows:
         return "(no results)"
     columns = list(columns or rows[0].keys())
-    header = {column: "accuracy (%) ± 95% CI" if column == "accuracy" else column
-              for column in columns}  # fmt: skip
+    header = {
+        column: "accuracy (%) ± 95% CI" if column == "accuracy" else column for column in columns
+    }
     widths = {
         column: max(len(header[column]), *(len(str(row.get(column, ""))) for row in rows))
         for column in columns
@@ -77,7 +82,8 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     """The results of a run directory that already finished ``train.steps`` steps with this
     config (else None); a checkpoint of another config is an error, as when resuming."""
     from fewshot_nsl.checkpoint import load_checkpoint
-    from fewshot_nsl.runner import check_resumable
+    from fewshot_nsl.engine import check_resumable
+    from fewshot_nsl.runner import RESUMABLE_CHANGES
 
     path = run_dir / "results.json"
     if not path.is_file():
@@ -86,7 +92,8 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     if results.get("steps") != config["train"]["steps"]:
         return None
     last = run_dir / "last.pt"
-    check_resumable(load_checkpoint(last)["config"], config, last)
+    saved = normalized_config(load_checkpoint(last)["config"], FEWSHOT_DEFAULTS)
+    check_resumable(saved, config, last, RESUMABLE_CHANGES)
     return results
 
 
@@ -100,7 +107,7 @@ def command_train(args: argparse.Namespace) -> int:
     if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"--resume {resume_dir}: no config.yaml, not a run directory")
     config_path = Path(args.config) if args.config else resume_dir / "config.yaml"
-    config = load_config(config_path, args.overrides)
+    config = load_fewshot_config(config_path, args.overrides)
     root = Path(args.out) if args.out else resume_dir or run_dir_for(config)
     multi = bool(config.get("runs"))
     if multi:
@@ -125,8 +132,9 @@ def command_train(args: argparse.Namespace) -> int:
         done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
         if done is not None:
             if context.is_main:
-                print(f"[{name}] already finished in {out_dir}; reusing its results",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"[{name}] already finished in {out_dir}; reusing its results", file=sys.stderr
+                )
             all_results.append(done)
             continue
         trainer = build_trainer(run, out_dir, context, quiet=args.quiet)
@@ -141,8 +149,12 @@ def command_train(args: argparse.Namespace) -> int:
     print(format_table(rows))
     print(f"\nwall time {wall_time:.0f} s; run directory {root}")
     if multi:
-        summary = {"config": str(config_path), "wall_time_s": round(wall_time, 1), "rows": rows,
-                   "runs": {r["name"]: str(root / r["name"]) for r in all_results}}
+        summary = {
+            "config": str(config_path),
+            "wall_time_s": round(wall_time, 1),
+            "rows": rows,
+            "runs": {r["name"]: str(root / r["name"]) for r in all_results},
+        }
         (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
@@ -169,8 +181,13 @@ def _loaded_learner(path: Path, device: Any) -> tuple[Any, dict[str, Any], Any]:
     return learner, config, split
 
 
-def _comparable(config_a: Mapping[str, Any], config_b: Mapping[str, Any], split_a: Any,
-                split_b: Any, path_b: Path) -> None:  # fmt: skip
+def _comparable(
+    config_a: Mapping[str, Any],
+    config_b: Mapping[str, Any],
+    split_a: Any,
+    split_b: Any,
+    path_b: Path,
+) -> None:
     """Two checkpoints can be scored on the same episodes only on the same data and way."""
     problems = []
     if split_a.fingerprint != split_b.fingerprint:
@@ -184,7 +201,8 @@ def _comparable(config_a: Mapping[str, Any], config_b: Mapping[str, Any], split_
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from fewshot_nsl.runner import EvalResult, evaluate_shots, resolve_device
+    from fewshot_nsl.engine import resolve_device
+    from fewshot_nsl.evaluation import EvalResult, evaluate_shots
     from fewshot_nsl.stats import paired_difference
 
     device = resolve_device(args.device)
@@ -202,8 +220,13 @@ def command_eval(args: argparse.Namespace) -> int:
             "value or a path with '{shot}' in it"
         )
     show = not args.quiet and sys.stderr.isatty()
-    evaluate = {"shots": shots, "num_episodes": num_episodes, "device": device,
-                "manifest": manifest, "show_progress": show}  # fmt: skip
+    evaluate = {
+        "shots": shots,
+        "num_episodes": num_episodes,
+        "device": device,
+        "manifest": manifest,
+        "show_progress": show,
+    }
     results_a = evaluate_shots(learner, config, split, **evaluate)
     models: list[tuple[str, dict[str, Any], dict[int, EvalResult]]] = [
         (str(config["name"]), config, results_a)
@@ -227,9 +250,16 @@ def command_eval(args: argparse.Namespace) -> int:
         }
         for shot, result in results.items():
             summary = result.summary
-            rows.append({"method": name, "backbone": model_config["model"]["backbone"],
-                         "way": result.way, "shot": shot,
-                         "accuracy": summary.format(), "episodes": summary.n})  # fmt: skip
+            rows.append(
+                {
+                    "method": name,
+                    "backbone": model_config["model"]["backbone"],
+                    "way": result.way,
+                    "shot": shot,
+                    "accuracy": summary.format(),
+                    "episodes": summary.n,
+                }
+            )
     print(format_table(rows))
     if args.compare:
         (name_a, _, res_a), (name_b, _, res_b) = models
@@ -253,8 +283,10 @@ def command_prepare_data(args: argparse.Namespace) -> int:
     out = prepare_dataset(
         args.dataset, args.source, args.out, strict=not args.no_strict, overwrite=args.overwrite
     )
-    print(f"wrote {args.dataset} cache to {out}; train with data.dataset={args.dataset} "
-          f"data.root={out}")  # fmt: skip
+    print(
+        f"wrote {args.dataset} cache to {out}; train with data.dataset={args.dataset} "
+        f"data.root={out}"
+    )
     return 0
 
 
@@ -298,27 +330,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="meta-train, validate and test from a config")
     train.add_argument("--config", help="YAML config (see configs/ and docs/cli.md)")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                       help="dotted overrides, values parsed as YAML (train.steps=100)")
-    train.add_argument("--resume", metavar="DIR",
-                       help="continue the run in DIR from its last.pt (exact on CPU)")
-    train.add_argument("--out", metavar="DIR", help="run directory (default train.out_dir or "
-                       "runs/NAME)")  # fmt: skip
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides, values parsed as YAML (train.steps=100)",
+    )
+    train.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last.pt (exact on CPU)"
+    )
+    train.add_argument(
+        "--out", metavar="DIR", help="run directory (default train.out_dir or runs/NAME)"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("eval", help="test a checkpoint (mean ± 95%% CI)")
     evaluate.add_argument("--checkpoint", required=True, help="best.pt / last.pt of a run")
-    evaluate.add_argument("--shots", type=int, nargs="+", help="shot settings (default: the "
-                          "config's episodes.test_shots)")  # fmt: skip
-    evaluate.add_argument("--episodes", type=int, help="test episodes per shot (default: the "
-                          "config's episodes.test_episodes)")  # fmt: skip
-    evaluate.add_argument("--manifest", help="frozen episodes to replay ('{shot}' is replaced; "
-                          "default: the config's episodes.manifest)")  # fmt: skip
-    evaluate.add_argument("--compare", metavar="OTHER", help="a second checkpoint scored on the "
-                          "same episodes; reports the paired difference ± CI")  # fmt: skip
-    evaluate.add_argument("--json", help="where to write the results (default: "
-                          "eval_<checkpoint>.json next to the checkpoint)")  # fmt: skip
+    evaluate.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        help="shot settings (default: the config's episodes.test_shots)",
+    )
+    evaluate.add_argument(
+        "--episodes",
+        type=int,
+        help="test episodes per shot (default: the config's episodes.test_episodes)",
+    )
+    evaluate.add_argument(
+        "--manifest",
+        help="frozen episodes to replay ('{shot}' is replaced; "
+        "default: the config's episodes.manifest)",
+    )
+    evaluate.add_argument(
+        "--compare",
+        metavar="OTHER",
+        help="a second checkpoint scored on the same episodes; reports the paired difference ± CI",
+    )
+    evaluate.add_argument(
+        "--json",
+        help="where to write the results (default: eval_<checkpoint>.json next to the checkpoint)",
+    )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=command_eval)
@@ -327,14 +380,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--dataset", required=True, help="e.g. mini-imagenet, omniglot")
     prepare.add_argument("--source", required=True, help="the downloaded dataset files")
     prepare.add_argument("--out", required=True, help="cache folder to create")
-    prepare.add_argument("--no-strict", action="store_true",
-                         help="accept a subset (skip the published split-size checks)")
+    prepare.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="accept a subset (skip the published split-size checks)",
+    )
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prepare.set_defaults(handler=command_prepare_data)
 
     listing = commands.add_parser("list", help="datasets, backbones, learners, configs")
-    listing.add_argument("what", nargs="?",
-                         choices=("datasets", "backbones", "learners", "configs"))
+    listing.add_argument(
+        "what", nargs="?", choices=("datasets", "backbones", "learners", "configs")
+    )
     listing.set_defaults(handler=command_list)
 
     register_supervised_cli(commands)  # train-supervised, export (CIFAR experiments)
@@ -347,11 +404,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
-        print("\nfewshot-nsl: interrupted (resume with: fewshot-nsl train --resume RUN_DIR)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "\nfewshot-nsl: interrupted (resume with: fewshot-nsl train --resume RUN_DIR)",
+            file=sys.stderr,
+        )
         return 130
-    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError,
-            ValueError) as error:  # fmt: skip
+    except (
+        ConfigError,
+        CheckpointMismatch,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as error:
         if os.environ.get("FEWSHOT_NSL_DEBUG"):
             raise
         print(f"fewshot-nsl: error: {error}", file=sys.stderr)

@@ -1,5 +1,12 @@
 """Experiment configs: defaults ← YAML file ← dotted command-line overrides, validated.
 
+Over 400 lines: fields, validation, the one merge, overrides and loading are one engine,
+used only together; splitting it would spread one contract over several files.
+
+This is the generic config engine (stdlib + yaml only, at the bottom of the package); the
+schemas live beside what they configure: :mod:`fewshot_nsl.fewshot_config` (few-shot
+meta-learning) and :mod:`fewshot_nsl.supervised.config` (supervised classification).
+
 A config is a nested dict of sections. The *defaults* passed to :func:`load_config` are its
 schema as well as its default values:
 
@@ -30,13 +37,19 @@ import yaml
 
 __all__ = [
     "ConfigError",
-    "FEWSHOT_DEFAULTS",
     "Field",
     "Open",
+    "check_device",
+    "check_value",
     "dump_config",
     "iter_runs",
     "load_config",
+    "merge",
+    "milestones",
+    "non_negative_int",
+    "normalized_config",
     "parse_overrides",
+    "positive_int",
     "resolve_config",
 ]
 
@@ -80,138 +93,38 @@ class Open:
     switch_key: str | None = None
 
 
-# -- the few-shot schema ---------------------------------------------------------------------
-
-
-def _datasets() -> list[str]:
-    from episodes import list_datasets
-
-    return list(list_datasets())
-
-
-def check_backbone(name: Any) -> str:
-    from fewshot_nsl.backbones import list_backbones
-
-    if not isinstance(name, str) or not (name in list_backbones() or ":" in name):
-        raise ValueError(
-            f"got {name!r}; allowed: {list_backbones()} or a plug-in 'package.module:factory'"
-        )
-    return name
-
-
-def _check_conv(conv: dict[str, Any]) -> dict[str, Any]:
-    from fewshot_nsl.nn import ConvSpec
-
-    ConvSpec.from_dict(conv)  # raises ValueError naming the field and its allowed values
-    return conv
-
-
-def _check_learner(learner: dict[str, Any]) -> dict[str, Any]:
-    """Name among the registered learners; options among its keyword arguments, typed like
-    their defaults. Returns the section with every option filled in (an explicit record)."""
-    from fewshot_nsl.learners import BN_POLICIES, learner_options, list_learners
-
-    name = learner.get("name")
-    if name not in list_learners():
-        raise ConfigError(f"learner.name: got {name!r}; allowed: {list_learners()}")
-    allowed = learner_options(name)
-    resolved: dict[str, Any] = {"name": name}
-    for key, value in learner.items():
-        if key == "name":
-            continue
-        if key not in allowed:
-            raise ConfigError(
-                f"learner.{key}: unknown option for learner {name!r}; allowed options: "
-                f"{sorted(allowed)}"
-            )
-        resolved[key] = _check_value(f"learner.{key}", value, _infer_field(allowed[key]))
-    for key, default in allowed.items():
-        if key not in resolved:
-            resolved[key] = list(default) if isinstance(default, tuple) else default
-    if "bn" in resolved and resolved["bn"] not in BN_POLICIES:  # the inner-loop BN policy
-        raise ConfigError(f"learner.bn: got {resolved['bn']!r}; allowed: {list(BN_POLICIES)}")
-    return resolved
+# -- checks shared by schemas -----------------------------------------------------------------
 
 
 def positive_int(value: int) -> int:
+    """An int >= 1 (for :attr:`Field.check`)."""
     if value < 1:
         raise ValueError(f"must be >= 1, got {value}")
     return value
 
 
 def non_negative_int(value: int) -> int:
+    """An int >= 0 (for :attr:`Field.check`)."""
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
     return value
 
 
-def _shot_list(value: list[Any]) -> list[int]:
-    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                            for v in value):
-        raise ValueError(f"must be a non-empty list of ints >= 1, got {value!r}")
-    return [int(v) for v in value]
-
-
 def milestones(value: list[Any]) -> list[int]:
+    """A sorted list of steps (ints >= 0): learning-rate milestones."""
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         raise ValueError(f"must be a list of steps (ints >= 0), got {value!r}")
     return sorted(int(v) for v in value)
 
 
-LR_SCHEDULES = ("constant", "cosine", "step")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
 def check_device(value: str) -> str:
-    if value in ("auto", "cpu", "cuda") or (
-        value.startswith("cuda:") and value[5:].isdigit()
-    ):
+    """A torch device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return value
     raise ValueError(f"got {value!r}; allowed: {DEVICES_HINT}")
-
-
-FEWSHOT_DEFAULTS: dict[str, Any] = {
-    "name": Field(None, types=(str, None)),
-    "data": {
-        "dataset": Field("synthetic", choices=_datasets),
-        "root": Field(None, types=(str, None)),
-        "options": Open(),
-        "augment": False,
-    },
-    "episodes": {
-        "way": Field(5, check=positive_int),
-        "shot": Field(1, check=positive_int),
-        "query": Field(15, check=positive_int),
-        "tasks_per_batch": Field(4, check=positive_int),
-        "val_episodes": Field(100, check=non_negative_int),
-        "test_episodes": Field(600, check=positive_int),
-        "test_shots": Field([1, 5], check=_shot_list),
-        "test_query": Field(15, check=positive_int),
-        "eval_seed": Field(0, check=non_negative_int),
-        "manifest": Field(None, types=(str, None)),
-    },
-    "model": {
-        "backbone": Field("conv4", check=check_backbone),
-        "backbone_options": Open({"filters": 32}),
-        "conv": Open({"kind": "plain"}, check=_check_conv),
-    },
-    "learner": Open({"name": "maml"}, check=_check_learner, switch_key="name"),
-    "train": {
-        "steps": Field(60000, check=non_negative_int),
-        "lr": Field(1e-3, types=(float,)),
-        "lr_schedule": Field("constant", choices=LR_SCHEDULES),
-        "lr_milestones": Field([], check=milestones),
-        "lr_gamma": 0.1,
-        "grad_clip": Field(None, types=(float, None)),
-        "val_every": Field(1000, check=non_negative_int),
-        "checkpoint_every": Field(1000, check=non_negative_int),
-        "log_every": Field(50, check=positive_int),
-        "seed": Field(0, check=non_negative_int),
-        "device": Field("auto", check=check_device),
-        "threads": Field(None, types=(int, None), check=positive_int),
-        "out_dir": Field(None, types=(str, None)),
-    },
-}
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -232,6 +145,13 @@ def _infer_field(default: Any) -> Field:
     if isinstance(default, (list, tuple)):
         return Field(list(default), types=(list,))
     return Field(default, types=(type(default),))
+
+
+def check_value(key: str, value: Any, spec: Any) -> Any:
+    """``value`` checked against ``spec`` (a :class:`Field` or a bare default value, as in a
+    schema) and converted; :class:`ConfigError` naming ``key`` otherwise. For schemas whose
+    fields are only known at validation time (a learner's options)."""
+    return _check_value(key, value, _infer_field(spec))
 
 
 def _type_name(kind: Any) -> str:
@@ -295,9 +215,7 @@ def _validate_section(prefix: str, values: Mapping[str, Any], schema: Mapping[st
         dotted = f"{prefix}{key}"
         if key not in schema:
             where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(
-                f"{dotted}: unknown key in {where}; allowed keys: {sorted(schema)}"
-            )
+            raise ConfigError(f"{dotted}: unknown key in {where}; allowed keys: {sorted(schema)}")
         spec = schema[key]
         if isinstance(spec, Open):
             if value is None:
@@ -340,38 +258,36 @@ def _default_values(schema: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
-    """Merge the file layers ``update`` over the defaults ``base`` in place. Closed sections
-    merge key by key; an :class:`Open` mapping given in the file *replaces* its default (so
-    ``backbone_options`` of a ResNet do not inherit Conv-4's ``filters``). Between file layers
-    (base, run) and for dotted overrides, Open mappings merge key by key."""
+def merge(
+    base: dict[str, Any], update: Mapping[str, Any], schema: Any, *, over_defaults: bool
+) -> None:
+    """Merge the config layer ``update`` into ``base`` in place (the one merge of configs).
+
+    Mappings present in both merge key by key, except:
+
+    * ``over_defaults`` (a file's layers merged over the schema's defaults): only closed
+      sections merge; an :class:`Open` mapping given in the file *replaces* its default (so
+      ``backbone_options`` of a ResNet do not inherit Conv-4's ``filters``);
+    * between file layers (base, run): at every depth, unless an :class:`Open` mapping's
+      :attr:`Open.switch_key` changes value (then the later layer replaces it).
+    """
     for key, value in update.items():
         spec = schema.get(key) if isinstance(schema, Mapping) else None
-        if (
-            isinstance(spec, Mapping)
-            and spec
-            and isinstance(value, Mapping)
-            and isinstance(base.get(key), dict)
-        ):
-            _merge(base[key], value, spec)
+        current = base.get(key)
+        both = isinstance(value, Mapping) and isinstance(current, dict)
+        if over_defaults:
+            key_by_key = both and isinstance(spec, Mapping) and bool(spec)
         else:
-            base[key] = copy.deepcopy(value)
-
-
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any], schema: Any) -> None:
-    """Merge file layer ``update`` into ``base`` at every depth (see :class:`Open.switch_key`)."""
-    for key, value in update.items():
-        spec = schema.get(key) if isinstance(schema, Mapping) else None
-        switched = (
-            isinstance(spec, Open)
-            and spec.switch_key is not None
-            and isinstance(value, Mapping)
-            and isinstance(base.get(key), dict)
-            and spec.switch_key in value
-            and value[spec.switch_key] != base[key].get(spec.switch_key)
-        )
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and not switched:
-            _deep_merge(base[key], value, spec)
+            switched = (
+                isinstance(spec, Open)
+                and spec.switch_key is not None
+                and both
+                and spec.switch_key in value
+                and value[spec.switch_key] != current.get(spec.switch_key)
+            )
+            key_by_key = both and not switched
+        if key_by_key:
+            merge(current, value, spec, over_defaults=over_defaults)
         else:
             base[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
 
@@ -411,8 +327,8 @@ def _apply_override(config: dict[str, Any], path: list[str], value: Any) -> None
 
 def resolve_config(
     file_config: Mapping[str, Any] | None,
-    overrides: Sequence[str] = (),
-    defaults: Mapping[str, Any] = FEWSHOT_DEFAULTS,
+    overrides: Sequence[str],
+    defaults: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Merge ``defaults`` ← ``file_config`` ← ``overrides`` and validate (see module doc).
 
@@ -432,9 +348,9 @@ def resolve_config(
     def resolve(*layers: Mapping[str, Any]) -> dict[str, Any]:
         combined: dict[str, Any] = {}
         for layer in layers:  # file layers (base, run) merge key by key, at every depth
-            _deep_merge(combined, layer, defaults)
+            merge(combined, layer, defaults, over_defaults=False)
         merged = _default_values(defaults)
-        _merge(merged, combined, defaults)
+        merge(merged, combined, defaults, over_defaults=True)
         for path, value in parsed:
             _apply_override(merged, path, value)
         return _validate_section("", merged, defaults)
@@ -459,15 +375,16 @@ def resolve_config(
 
 def load_config(
     path: str | Path,
-    overrides: Sequence[str] = (),
-    defaults: Mapping[str, Any] = FEWSHOT_DEFAULTS,
+    overrides: Sequence[str],
+    defaults: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Load and validate the YAML config at ``path`` (defaults ← file ← dotted overrides).
 
     Args:
         path: YAML file; its top level is a mapping of sections.
         overrides: ``"section.key=value"`` strings, values parsed as YAML.
-        defaults: the schema and default values (:data:`FEWSHOT_DEFAULTS` for few-shot runs).
+        defaults: the schema and default values (e.g.
+            :data:`fewshot_nsl.fewshot_config.FEWSHOT_DEFAULTS`).
 
     Returns:
         the resolved config, a plain nested dict. When the file has no ``name``, the file
@@ -493,6 +410,17 @@ def load_config(
     if "name" in defaults and config.get("name") is None:
         config["name"] = path.stem
     return config
+
+
+def normalized_config(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier run (a checkpoint's), resolved again with today's schema:
+    fields added since are filled with their defaults and spellings normalised, so it compares
+    key by key with a config resolved now. Returned unchanged if it no longer validates (the
+    comparison then names the differences)."""
+    try:
+        return resolve_config(saved, [], defaults)
+    except ConfigError:
+        return dict(saved)
 
 
 def iter_runs(config: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -1,5 +1,8 @@
 """Data-parallel meta-training on ``torch.distributed`` (launched with ``torchrun``).
 
+Over 400 lines: the process group, its collectives and the trainer that uses them are one
+mechanism; the single-process path never imports it.
+
 The meta-batch of ``episodes.tasks_per_batch`` tasks (the *global* batch) is split over the
 ranks by :class:`episodes.TaskBatcher`: rank ``r`` of ``W`` takes tasks ``j ≡ r (mod W)`` of
 step ``s``, i.e. episodes ``s·T + j``. Episode indices depend on the step and the task slot
@@ -50,7 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fewshot_nsl.runner import MetaTrainer, resolve_device
+from fewshot_nsl.engine import resolve_device
+from fewshot_nsl.runner import MetaTrainer
 
 __all__ = [
     "BufferSync",
@@ -299,7 +303,7 @@ def gather_shards(local: np.ndarray, total: int, context: DistributedContext) ->
     result = np.empty(total, dtype=np.float64)
     for rank, share in enumerate(shares):
         count = len(range(rank, total, context.world_size))
-        result[rank::context.world_size] = share[:count].cpu().numpy()
+        result[rank :: context.world_size] = share[:count].cpu().numpy()
     return result
 
 
@@ -385,9 +389,13 @@ class DistributedMetaTrainer(MetaTrainer):
         log: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(
-            config, out_dir, rank=context.rank, world_size=context.world_size, quiet=quiet,
+            config,
+            out_dir,
+            rank=context.rank,
+            world_size=context.world_size,
+            quiet=quiet,
             log=log,
-        )  # fmt: skip
+        )
         self.context = context
         if self.device.type == "cuda":
             self.device = context.device
@@ -432,15 +440,15 @@ class DistributedMetaTrainer(MetaTrainer):
         all_reduce_gradients(self.learner.parameters())
         self.buffer_sync.sync()
 
-    def meta_step(self, step: int) -> tuple[float, float]:
-        """One outer step; returns the loss and accuracy averaged over the whole meta-batch
-        (all ranks, weighted by each rank's task count)."""
-        loss, accuracy = super().meta_step(step)
+    def gradient_step(self, step: int) -> dict[str, float]:
+        """One outer step's meta-gradients; returns the loss and accuracy averaged over the
+        whole meta-batch (all ranks, weighted by each rank's task count)."""
+        metrics = super().gradient_step(step)
         count = len(self.batcher.episode_indices(step))
         loss_sum, accuracy_sum, total = all_reduce_sums(
-            [loss * count, accuracy * count, count], self.device
+            [metrics["loss"] * count, metrics["accuracy"] * count, count], self.device
         )
-        return loss_sum / total, accuracy_sum / total
+        return {"loss": loss_sum / total, "accuracy": accuracy_sum / total}
 
     def shard(self, indices: list[int]) -> list[int]:
         """This rank's round-robin share of evaluation episode ``indices``."""

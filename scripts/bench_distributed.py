@@ -34,10 +34,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def bench_config(args: argparse.Namespace) -> dict[str, Any]:
     """5-way 1-shot synthetic glyphs, Conv-4 MAML with a second-order inner loop."""
-    from fewshot_nsl.config import resolve_config
+    from fewshot_nsl.fewshot_config import resolve_fewshot_config
 
     size = args.image_size
-    return resolve_config(
+    return resolve_fewshot_config(
         {
             "name": "bench-distributed",
             "data": {"dataset": "synthetic",

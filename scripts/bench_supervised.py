@@ -39,7 +39,6 @@ from fewshot_nsl.supervised import (
     load_exported,
     load_synthetic,
 )
-from fewshot_nsl.supervised.run import save_trainer_checkpoint
 
 VARIANTS = {
     "plain": {"kind": "plain"},
@@ -112,8 +111,12 @@ def main() -> int:
     speed_models: dict[str, torch.nn.Module] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bench_supervised_"))
     for name in args.variants:
-        trainer = SupervisedTrainer(config_for(VARIANTS[name], args), data)
-        trainer.train(progress=sys.stderr.isatty())
+        trainer = SupervisedTrainer(
+            config_for(VARIANTS[name], args), workdir / name, data=data,
+            quiet=not sys.stderr.isatty(),
+        )
+        trainer.setup()
+        trainer.train()  # ends with last.pt in workdir/name
         summary = trainer.summary()
         rows[name] = {
             "test_error": summary["test_error"],
@@ -131,7 +134,7 @@ def main() -> int:
             rows[name]["folded_test_error"] = folded_error
             speed_models[f"{name} folded"] = folded
             # The exported file, as a user loads it (normalisation inside its graph).
-            checkpoint = save_trainer_checkpoint(trainer, workdir / f"{name}.pt")
+            checkpoint = workdir / name / "last.pt"
             exported_path = export_model(checkpoint, workdir / f"{name}.pt2", fold=True)
             speed_models[f"{name} exported"] = load_exported(exported_path)[0]
 

@@ -51,21 +51,32 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 @pytest.mark.slow
 def test_train_then_eval_and_compare(tiny: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    status, stdout, stderr = run_cli(capsys, "train", "--config", str(tiny), "--out", str(out),
-                                     "train.steps=3")  # fmt: skip
+    status, stdout, stderr = run_cli(
+        capsys, "train", "--config", str(tiny), "--out", str(out), "train.steps=3"
+    )
     assert status == 0, stderr
     assert "# resolved config" in stdout and "steps: 3" in stdout
     assert "accuracy (%) ± 95% CI" in stdout
     assert "step 3/3" in stderr  # progress lines when stderr is not a TTY
-    for name in ("config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt",
-                 "results.json"):  # fmt: skip
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt", "results.json"):
         assert (out / name).is_file(), name
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == 3
 
     status, stdout, stderr = run_cli(
-        capsys, "eval", "--checkpoint", str(out / "best.pt"), "--shots", "1", "5",
-        "--episodes", "6", "--compare", str(out / "last.pt"), "--json", str(tmp_path / "e.json"),
-    )  # fmt: skip
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(out / "best.pt"),
+        "--shots",
+        "1",
+        "5",
+        "--episodes",
+        "6",
+        "--compare",
+        str(out / "last.pt"),
+        "--json",
+        str(tmp_path / "e.json"),
+    )
     assert status == 0, stderr
     assert "paired difference" in stdout
     payload = json.loads((tmp_path / "e.json").read_text())
@@ -81,8 +92,7 @@ def test_train_then_eval_and_compare(tiny: Path, tmp_path: Path, capsys) -> None
 
 
 @pytest.mark.slow
-def test_multi_run_config_prints_one_table_and_resumes(tiny: Path, tmp_path: Path,
-                                                       capsys) -> None:  # fmt: skip
+def test_multi_run_config_prints_one_table_and_resumes(tiny: Path, tmp_path: Path, capsys) -> None:
     config = tiny.read_text() + (
         "runs:\n"
         "  plain: {}\n"
@@ -91,8 +101,16 @@ def test_multi_run_config_prints_one_table_and_resumes(tiny: Path, tmp_path: Pat
     path = tmp_path / "multi.yaml"
     path.write_text(config)
     out = tmp_path / "multi"
-    status, stdout, stderr = run_cli(capsys, "train", "--config", str(path), "--out", str(out),
-                                     "--quiet", "episodes.test_shots=[1]")  # fmt: skip
+    status, stdout, stderr = run_cli(
+        capsys,
+        "train",
+        "--config",
+        str(path),
+        "--out",
+        str(out),
+        "--quiet",
+        "episodes.test_shots=[1]",
+    )
     assert status == 0, stderr
     table = stdout.split("accuracy (%)")[1]
     assert "plain" in table and "static" in table
@@ -101,8 +119,9 @@ def test_multi_run_config_prints_one_table_and_resumes(tiny: Path, tmp_path: Pat
     assert [row["method"] for row in summary["rows"]] == ["plain", "static"]
 
     # Resuming a finished multi-run directory reuses results; extending trains on.
-    status, stdout, stderr = run_cli(capsys, "train", "--resume", str(out), "--quiet",
-                                     "train.steps=3")  # fmt: skip
+    status, stdout, stderr = run_cli(
+        capsys, "train", "--resume", str(out), "--quiet", "train.steps=3"
+    )
     assert status == 0, stderr
     assert "resumed" in stderr
     results = json.loads((out / "static" / "results.json").read_text())
@@ -123,20 +142,39 @@ def test_bad_learner_name_lists_allowed_values(tiny: Path, capsys) -> None:
 
 def test_missing_dataset_says_how_to_prepare_it(tiny: Path, tmp_path: Path, capsys) -> None:
     status, _, stderr = run_cli(
-        capsys, "train", "--config", str(tiny), "--out", str(tmp_path / "r"),
-        "data.dataset=mini-imagenet", f"data.root={tmp_path / 'absent'}", "data.options={}",
-    )  # fmt: skip
+        capsys,
+        "train",
+        "--config",
+        str(tiny),
+        "--out",
+        str(tmp_path / "r"),
+        "data.dataset=mini-imagenet",
+        f"data.root={tmp_path / 'absent'}",
+        "data.options={}",
+    )
     assert status == 2 and stderr.count("\n") == 1
     assert "fewshot-nsl prepare-data --dataset mini-imagenet" in stderr
 
 
-def test_resume_with_another_architecture_is_refused(tiny: Path, tmp_path: Path,
-                                                     capsys) -> None:  # fmt: skip
+def test_resume_with_another_architecture_is_refused(tiny: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    assert run_cli(capsys, "train", "--config", str(tiny), "--out", str(out), "--quiet",
-                   "train.steps=1", "episodes.test_shots=[1]")[0] == 0  # fmt: skip
-    status, _, stderr = run_cli(capsys, "train", "--resume", str(out), "--quiet",
-                                "model.backbone_options.filters=8")  # fmt: skip
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--config",
+            str(tiny),
+            "--out",
+            str(out),
+            "--quiet",
+            "train.steps=1",
+            "episodes.test_shots=[1]",
+        )[0]
+        == 0
+    )
+    status, _, stderr = run_cli(
+        capsys, "train", "--resume", str(out), "--quiet", "model.backbone_options.filters=8"
+    )
     assert status == 2
     assert "model.backbone_options.filters: checkpoint 4, config 8" in stderr
 
@@ -150,11 +188,30 @@ def test_resume_with_another_architecture_is_refused(tiny: Path, tmp_path: Path,
 
 def test_eval_compare_refuses_other_way(tiny: Path, tmp_path: Path, capsys) -> None:
     for name, way in (("a", 3), ("b", 2)):
-        assert run_cli(capsys, "train", "--config", str(tiny), "--out", str(tmp_path / name),
-                       "--quiet", "train.steps=1", "train.val_every=0", f"episodes.way={way}",
-                       "episodes.test_shots=[1]")[0] == 0  # fmt: skip
-    status, _, stderr = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "a" / "last.pt"),
-                                "--compare", str(tmp_path / "b" / "last.pt"))  # fmt: skip
+        assert (
+            run_cli(
+                capsys,
+                "train",
+                "--config",
+                str(tiny),
+                "--out",
+                str(tmp_path / name),
+                "--quiet",
+                "train.steps=1",
+                "train.val_every=0",
+                f"episodes.way={way}",
+                "episodes.test_shots=[1]",
+            )[0]
+            == 0
+        )
+    status, _, stderr = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "a" / "last.pt"),
+        "--compare",
+        str(tmp_path / "b" / "last.pt"),
+    )
     assert status == 2 and "way 3 vs 2" in stderr
 
 
@@ -168,18 +225,38 @@ def test_missing_checkpoint_and_config(tmp_path: Path, capsys) -> None:
 def test_list(capsys) -> None:
     status, stdout, _ = run_cli(capsys, "list")
     assert status == 0
-    for item in ("datasets:", "synthetic", "mini-imagenet", "backbones:", "conv4",
-                 "learners:", "dynamic_nsn", "configs:", "quickstart.yaml"):  # fmt: skip
+    for item in (
+        "datasets:",
+        "synthetic",
+        "mini-imagenet",
+        "backbones:",
+        "conv4",
+        "learners:",
+        "dynamic_nsn",
+        "configs:",
+        "quickstart.yaml",
+    ):
         assert item in stdout
     assert run_cli(capsys, "list", "learners")[1].split() == [
-        "learners:", "dynamic_nsn", "maml", "protonet", "static_nsn"
+        "learners:",
+        "dynamic_nsn",
+        "maml",
+        "protonet",
+        "static_nsn",
     ]
 
 
 def test_prepare_data_errors_cleanly(tmp_path: Path, capsys) -> None:
-    status, _, stderr = run_cli(capsys, "prepare-data", "--dataset", "mini-imagenet",
-                                "--source", str(tmp_path / "nope"), "--out",
-                                str(tmp_path / "cache"))  # fmt: skip
+    status, _, stderr = run_cli(
+        capsys,
+        "prepare-data",
+        "--dataset",
+        "mini-imagenet",
+        "--source",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "cache"),
+    )
     assert status == 2 and "nope" in stderr
 
 
@@ -189,9 +266,17 @@ def test_prepare_data_converts_a_dataset(tmp_path: Path, capsys) -> None:
 
     layouts = write_mini_imagenet_layouts(tmp_path / "src")
     out = tmp_path / "cache"
-    status, stdout, stderr = run_cli(capsys, "prepare-data", "--dataset", "mini-imagenet",
-                                     "--source", str(layouts["pickle"]), "--out", str(out),
-                                     "--no-strict")  # fmt: skip
+    status, stdout, stderr = run_cli(
+        capsys,
+        "prepare-data",
+        "--dataset",
+        "mini-imagenet",
+        "--source",
+        str(layouts["pickle"]),
+        "--out",
+        str(out),
+        "--no-strict",
+    )
     assert status == 0, stderr
     assert f"data.root={out}" in stdout
     assert load_cache(out, "train").num_classes > 0
@@ -204,8 +289,12 @@ def test_format_table_aligns_columns() -> None:
 
 
 def test_console_entry_point_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "fewshot_nsl.cli", "list", "backbones"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "fewshot_nsl.cli", "list", "backbones"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "conv4" in result.stdout
 
 
@@ -213,20 +302,54 @@ def test_eval_replays_a_manifest(tiny: Path, tmp_path: Path, capsys) -> None:
     from episodes import EpisodeSampler, build_split, save_manifest
 
     out = tmp_path / "run"
-    assert run_cli(capsys, "train", "--config", str(tiny), "--out", str(out), "--quiet",
-                   "train.steps=1", "train.val_every=0", "episodes.test_shots=[1]")[0] == 0
-    split = build_split("synthetic", "test", image_size=16, images_per_class=8,
-                        num_classes={"train": 10, "val": 6, "test": 6})
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--config",
+            str(tiny),
+            "--out",
+            str(out),
+            "--quiet",
+            "train.steps=1",
+            "train.val_every=0",
+            "episodes.test_shots=[1]",
+        )[0]
+        == 0
+    )
+    split = build_split(
+        "synthetic",
+        "test",
+        image_size=16,
+        images_per_class=8,
+        num_classes={"train": 10, "val": 6, "test": 6},
+    )
     sampler = EpisodeSampler(split, 3, 1, 2, seed=5, num_episodes=3)
     save_manifest(tmp_path / "test_1shot.json", sampler, 3)
     status, stdout, stderr = run_cli(
-        capsys, "eval", "--checkpoint", str(out / "last.pt"), "--shots", "1",
-        "--manifest", str(tmp_path / "test_{shot}shot.json"), "--json", str(tmp_path / "m.json"),
-    )  # fmt: skip
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(out / "last.pt"),
+        "--shots",
+        "1",
+        "--manifest",
+        str(tmp_path / "test_{shot}shot.json"),
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert status == 0, stderr
     test = json.loads((tmp_path / "m.json").read_text())["models"]["tiny"]["test"]["1"]
     assert test["episodes"] == 3 and test["source"].startswith("manifest")
     # A manifest of another shot setting is refused, naming both values.
-    status, _, stderr = run_cli(capsys, "eval", "--checkpoint", str(out / "last.pt"),
-                                "--shots", "5", "--manifest", str(tmp_path / "test_1shot.json"))
+    status, _, stderr = run_cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(out / "last.pt"),
+        "--shots",
+        "5",
+        "--manifest",
+        str(tmp_path / "test_1shot.json"),
+    )
     assert status == 2 and "shot" in stderr

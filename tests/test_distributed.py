@@ -1,5 +1,8 @@
 """Distributed meta-training (fewshot_nsl.distributed).
 
+Over 400 lines: one multi-process run checked from several sides (gradients, buffers,
+evaluation, resume), and the helpers of that run.
+
 The multi-process test launches this very module under ``python -m torch.distributed.run``
 (2 CPU processes, gloo, a free port on 127.0.0.1): ``python -m tests.test_distributed
 --worker DIR`` is the worker. The parent runs the single-process references and compares:
@@ -30,7 +33,7 @@ from torch import nn
 
 from episodes import TaskBatcher
 from fewshot_nsl.cli import main as cli_main
-from fewshot_nsl.config import dump_config, resolve_config
+from fewshot_nsl.config import dump_config
 from fewshot_nsl.distributed import (
     BufferSync,
     DistributedContext,
@@ -44,7 +47,9 @@ from fewshot_nsl.distributed import (
     shutdown,
     world_from_env,
 )
-from fewshot_nsl.runner import MetaTrainer, evaluate_shots
+from fewshot_nsl.evaluation import evaluate_shots
+from fewshot_nsl.fewshot_config import resolve_fewshot_config
+from fewshot_nsl.runner import MetaTrainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -65,11 +70,15 @@ class BiasFreeNet(nn.Module):
     def __init__(self, conv_factory: Any, in_channels: int, width: int = 8) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_factory(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(), nn.MaxPool2d(2),
-            conv_factory(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-            nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            conv_factory(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            conv_factory(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.out_features = width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -85,7 +94,7 @@ def bias_free_backbone(*, conv_factory: Any, in_channels: int, width: int = 8) -
 def tiny_config(steps: int, tasks_per_batch: int = 4) -> dict[str, Any]:
     """A seconds-long run: 3-way 1-shot glyphs at 16×16, a bias-free 2-block CNN, MAML with a
     second-order inner step and the "running" BatchNorm policy (so buffers must be synced)."""
-    return resolve_config(
+    return resolve_fewshot_config(
         {
             "name": "dist",
             "data": {
@@ -121,7 +130,7 @@ def tiny_config(steps: int, tasks_per_batch: int = 4) -> dict[str, Any]:
                 "log_every": 1,
                 "device": "cpu",
             },
-        }  # fmt: skip
+        }
     )
 
 
@@ -194,8 +203,9 @@ def _worker(work: Path) -> None:
     out["R_trained"] = model_state(trainer)
 
     # U: uneven shares, meta-batch 3 = 2 + 1.
-    trainer = build_trainer(tiny_config(steps=2, tasks_per_batch=3), work / "U", context,
-                            quiet=True)  # fmt: skip
+    trainer = build_trainer(
+        tiny_config(steps=2, tasks_per_batch=3), work / "U", context, quiet=True
+    )
     trainer.setup()
     trainer.train()
     out["U_trained"] = model_state(trainer)
@@ -203,8 +213,9 @@ def _worker(work: Path) -> None:
     # C: the command line in the same process group (last: it shuts the group down).
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
-        out["C_status"] = cli_main(["train", "--config", str(work / "cli.yaml"),
-                                    "--out", str(work / "C"), "--quiet"])  # fmt: skip
+        out["C_status"] = cli_main(
+            ["train", "--config", str(work / "cli.yaml"), "--out", str(work / "C"), "--quiet"]
+        )
     out["C_stdout"] = captured.getvalue()
     torch.save(out, work / f"rank{context.rank}.pt")
     shutdown(context)
@@ -300,9 +311,11 @@ def _free_port() -> int:
 
 
 def _assert_states_close(
-    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str,
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    what: str,
     parameters_only_of: MetaTrainer | None = None,
-) -> None:  # fmt: skip
+) -> None:
     assert actual.keys() == expected.keys(), what
     for name, value in expected.items():
         if parameters_only_of is not None and not is_parameter(parameters_only_of, name):
@@ -348,16 +361,32 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     reference = _single_process_reference(tmp_path)
     dump_config(tiny_config(steps=2), tmp_path / "cli.yaml")
     port = _free_port()
-    environ = {key: value for key, value in os.environ.items()
-               if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}  # fmt: skip
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     environ["OMP_NUM_THREADS"] = "1"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-        "--nproc_per_node", str(WORLD_SIZE), "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "tests.test_distributed", "--worker", str(tmp_path),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, env=environ, capture_output=True, text=True,
-                          timeout=150)  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "tests.test_distributed",
+        "--worker",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=environ, capture_output=True, text=True, timeout=150
+    )
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     single: MetaTrainer = reference["trainer"]
@@ -381,28 +410,40 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
             assert torch.equal(value, ranks[1][key][name]), f"{key}: ranks differ on {name}"
 
     # 2 ranks × 2 tasks == 1 process × 4 tasks, on the same episodes.
-    _assert_states_close(ranks[0]["A_trained"], reference["step3"], "3 steps on 2 ranks",
-                         parameters_only_of=single)  # fmt: skip
+    _assert_states_close(
+        ranks[0]["A_trained"], reference["step3"], "3 steps on 2 ranks", parameters_only_of=single
+    )
     counters = [name for name in reference["step3"] if name.endswith("num_batches_tracked")]
     assert counters
     for name in counters:  # every task's query pass counted once, as in one process
         assert int(ranks[0]["A_trained"][name]) == int(reference["step3"][name]) == 3 * 4, name
     # Uneven shares (2 + 1) are weighted by task count, exactly as one process.
-    _assert_states_close(ranks[0]["U_trained"], reference["uneven"], "meta-batch 3 on 2 ranks",
-                         parameters_only_of=single)  # fmt: skip
+    _assert_states_close(
+        ranks[0]["U_trained"],
+        reference["uneven"],
+        "meta-batch 3 on 2 ranks",
+        parameters_only_of=single,
+    )
     # Resume 1 → 2 ranks: 2 single-process steps + 2 distributed steps == 4 single steps.
     assert ranks[0]["R_resumed_at"] == ranks[1]["R_resumed_at"] == 2
-    _assert_states_close(ranks[0]["R_trained"], reference["step4"], "resume 1 -> 2 ranks",
-                         parameters_only_of=single)  # fmt: skip
+    _assert_states_close(
+        ranks[0]["R_trained"], reference["step4"], "resume 1 -> 2 ranks", parameters_only_of=single
+    )
 
     # Sharded test accuracies == unsharded ones, episode by episode, on the same weights.
     config = tiny_config(steps=3)
     evaluated = MetaTrainer(config, tmp_path / "E", quiet=True)
     evaluated.setup()
     evaluated.learner.load_state_dict(ranks[0]["A_tested"])
-    unsharded = evaluate_shots(evaluated.learner, config, evaluated.split("test"), [1],
-                               config["episodes"]["test_episodes"], torch.device("cpu"),
-                               show_progress=False)  # fmt: skip
+    unsharded = evaluate_shots(
+        evaluated.learner,
+        config,
+        evaluated.split("test"),
+        [1],
+        config["episodes"]["test_episodes"],
+        torch.device("cpu"),
+        show_progress=False,
+    )
     np.testing.assert_array_equal(ranks[0]["A_test"][1], unsharded[1].accuracies)
     np.testing.assert_array_equal(ranks[1]["A_test"][1], unsharded[1].accuracies)
     assert len(np.unique(unsharded[1].accuracies)) > 1, "uninformative: all episodes score alike"
@@ -422,7 +463,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     assert results["steps"] == 2 and results["test"]["1"]["episodes"] == 7
     records = [json.loads(line) for line in (tmp_path / "C" / "metrics.jsonl").open()]
     assert [(r["event"], r["step"]) for r in records] == [
-        ("train", 1), ("train", 2), ("val", 2), ("test", 2)
+        ("train", 1),
+        ("train", 2),
+        ("val", 2),
+        ("test", 2),
     ]
 
     # Resume 2 → 1 rank: the 2-rank checkpoint at step 3, then 2 single steps == 5 steps.
@@ -430,8 +474,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     resumed.setup(resume=True)
     assert resumed.step == 3
     resumed.train()
-    _assert_states_close(model_state(resumed), reference["step5"], "resume 2 -> 1 rank",
-                         parameters_only_of=single)  # fmt: skip
+    _assert_states_close(
+        model_state(resumed), reference["step5"], "resume 2 -> 1 rank", parameters_only_of=single
+    )
 
 
 if __name__ == "__main__":

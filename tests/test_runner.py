@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -19,40 +18,53 @@ from fewshot_nsl.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fewshot_nsl.config import ConfigError, resolve_config
+from fewshot_nsl.config import ConfigError
+from fewshot_nsl.evaluation import evaluate_episodes
+from fewshot_nsl.fewshot_config import resolve_fewshot_config
 from fewshot_nsl.runlog import RunDir
-from fewshot_nsl.runner import (
-    DatasetNotFound,
-    LRFactor,
-    MetaTrainer,
-    evaluate_episodes,
-    load_split,
-)
-from fewshot_nsl.stats import Z95, mean_ci, paired_difference
+from fewshot_nsl.runner import DatasetNotFound, MetaTrainer, load_split
 
 #: A run small enough for the unit tests: 16×16 glyphs, Conv-4 with 4 filters, 1 inner step.
 TINY: dict[str, Any] = {
     "name": "tiny",
     "data": {
         "dataset": "synthetic",
-        "options": {"image_size": 16, "images_per_class": 8,
-                    "num_classes": {"train": 10, "val": 6, "test": 6}},
+        "options": {
+            "image_size": 16,
+            "images_per_class": 8,
+            "num_classes": {"train": 10, "val": 6, "test": 6},
+        },
     },
-    "episodes": {"way": 3, "shot": 1, "query": 2, "tasks_per_batch": 2, "val_episodes": 4,
-                 "test_episodes": 5, "test_shots": [1, 5], "test_query": 2},
+    "episodes": {
+        "way": 3,
+        "shot": 1,
+        "query": 2,
+        "tasks_per_batch": 2,
+        "val_episodes": 4,
+        "test_episodes": 5,
+        "test_shots": [1, 5],
+        "test_query": 2,
+    },
     "model": {"backbone_options": {"filters": 4, "image_size": 16}},
     "learner": {"name": "maml", "inner_steps": 1, "inner_steps_eval": 2, "inner_lr": 0.1},
-    "train": {"steps": 6, "val_every": 3, "checkpoint_every": 3, "log_every": 2, "lr": 0.01,
-              "device": "cpu"},
-}  # fmt: skip
+    "train": {
+        "steps": 6,
+        "val_every": 3,
+        "checkpoint_every": 3,
+        "log_every": 2,
+        "lr": 0.01,
+        "device": "cpu",
+    },
+}
 
 
 def tiny_config(*overrides: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    payload = {key: dict(value) if isinstance(value, dict) else value
-               for key, value in TINY.items()}  # fmt: skip
+    payload = {
+        key: dict(value) if isinstance(value, dict) else value for key, value in TINY.items()
+    }
     for key, value in sections.items():
         payload[key] = {**payload.get(key, {}), **value}
-    return resolve_config(payload, list(overrides))
+    return resolve_fewshot_config(payload, list(overrides))
 
 
 @pytest.fixture(autouse=True)
@@ -64,47 +76,7 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-# -- statistics --------------------------------------------------------------------------
-
-
-def test_mean_ci_matches_a_naive_float64_computation() -> None:
-    rng = np.random.default_rng(0)
-    values = rng.uniform(0, 1, size=37)
-    mean = sum(values) / len(values)
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    result = mean_ci(values)
-    assert result.mean == pytest.approx(mean, abs=1e-12)
-    assert result.std == pytest.approx(math.sqrt(variance), abs=1e-12)
-    assert result.ci95 == pytest.approx(1.96 * math.sqrt(variance) / math.sqrt(37), abs=1e-12)
-    assert result.n == 37 and Z95 == 1.96
-    assert result.format() == f"{100 * mean:.2f} ± {100 * result.ci95:.2f}"
-    assert math.isnan(mean_ci([0.5]).ci95)
-    with pytest.raises(ValueError, match="non-empty 1-D"):
-        mean_ci([])
-
-
-def test_paired_difference_is_the_ci_of_the_differences() -> None:
-    rng = np.random.default_rng(1)
-    a = rng.uniform(0.4, 0.9, size=50)
-    b = a - 0.02 + rng.normal(0, 0.01, size=50)  # b tracks a closely: pairing matters
-    paired = paired_difference(a, b)
-    assert paired.mean == pytest.approx(np.mean(a - b))
-    assert paired.ci95 == pytest.approx(1.96 * np.std(a - b, ddof=1) / math.sqrt(50))
-    # The paired interval is far tighter than the unpaired intervals would suggest.
-    assert paired.ci95 < 0.2 * (mean_ci(a).ci95 + mean_ci(b).ci95)
-    with pytest.raises(ValueError, match="same episodes"):
-        paired_difference(a, b[:-1])
-
-
-# -- schedules, RNG, checkpoints -----------------------------------------------------------
-
-
-def test_lr_factors() -> None:
-    assert LRFactor("constant", 100)(57) == 1.0
-    cosine = LRFactor("cosine", 100)
-    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0)
-    step = LRFactor("step", 100, [10, 20], gamma=0.5)
-    assert [step(s) for s in (0, 9, 10, 19, 20, 99)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+# -- RNG, checkpoints (tests of fewshot_nsl.checkpoint) ------------------------------------
 
 
 def test_rng_state_round_trip() -> None:
@@ -119,8 +91,15 @@ def test_rng_state_round_trip() -> None:
 
 def _save_small(path: Path, model: torch.nn.Module, step: int) -> Path:
     optimizer = torch.optim.Adam(model.parameters())
-    return save_checkpoint(path, model=model, optimizer=optimizer, scheduler=None, step=step,
-                           config={"name": "x"}, data={"train": "abc"})  # fmt: skip
+    return save_checkpoint(
+        path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=None,
+        step=step,
+        config={"name": "x"},
+        data={"train": "abc"},
+    )
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
@@ -163,8 +142,11 @@ def test_a_failure_during_save_leaves_the_old_checkpoint_intact(
 
 def test_architecture_mismatch_says_what_differs() -> None:
     small, large = torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 4))
-    with pytest.raises(CheckpointMismatch, match=r"architecture mismatch.*missing in checkpoint: "
-                                                 r"0\.bias, 0\.weight.*not in this model: bias"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"architecture mismatch.*missing in checkpoint: "
+        r"0\.bias, 0\.weight.*not in this model: bias",
+    ):
         load_model_state(large, small.state_dict(), "ckpt.pt")
     with pytest.raises(CheckpointMismatch, match=r"shape .*weight \(2, 3\) vs \(4, 3\)"):
         load_model_state(torch.nn.Linear(3, 4), small.state_dict(), "ckpt.pt")
@@ -174,8 +156,9 @@ def test_architecture_mismatch_says_what_differs() -> None:
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path: Path) -> None:
-    config = tiny_config(data={"dataset": "mini-imagenet", "root": str(tmp_path / "nowhere"),
-                               "options": {}})  # fmt: skip
+    config = tiny_config(
+        data={"dataset": "mini-imagenet", "root": str(tmp_path / "nowhere"), "options": {}}
+    )
     with pytest.raises(DatasetNotFound, match=r"fewshot-nsl prepare-data --dataset mini-imagenet"):
         load_split(config, "train")
     config = tiny_config(data={"dataset": "mini-imagenet", "root": None, "options": {}})
@@ -188,42 +171,6 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path: Path) -> None:
 
 def _parameters(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
-
-
-@pytest.mark.slow
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path: Path) -> None:
-    """6 steps in one go vs 3 steps, a fresh process-like restart, 3 more: same bits."""
-    # Augmentation on, so the episode transforms (seeded per episode) are exercised too.
-    quick = ["episodes.test_shots=[1]", "episodes.test_episodes=1", "episodes.val_episodes=2"]
-    config = tiny_config(*quick, data={"augment": True})
-    full = MetaTrainer(config, tmp_path / "full", quiet=True)
-    full.fit()
-
-    part = MetaTrainer(tiny_config("train.steps=3", *quick, data={"augment": True}),
-                       tmp_path / "part", quiet=True)  # fmt: skip
-    part.fit()
-    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 3
-    torch.manual_seed(1234)  # the restarted process's RNGs are in some other state
-    np.random.seed(99)
-    resumed = MetaTrainer(config, tmp_path / "part", quiet=True)
-    resumed.fit(resume=True)
-
-    a, b = _parameters(tmp_path / "full" / "last.pt"), _parameters(tmp_path / "part" / "last.pt")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    opt_a = load_checkpoint(tmp_path / "full" / "last.pt")["optimizer"]["state"]
-    opt_b = load_checkpoint(tmp_path / "part" / "last.pt")["optimizer"]["state"]
-    for key in opt_a:
-        assert torch.equal(opt_a[key]["exp_avg_sq"], opt_b[key]["exp_avg_sq"])
-    # The metrics log continues where the checkpoint was: no step twice, none lost.
-    steps = [r["step"] for r in RunDir(tmp_path / "part").metrics() if r["event"] == "train"]
-    assert steps == [2, 3, 4, 6]  # 3: the end of the first, 3-step, invocation
-    # Sanity: training changed the weights (the comparison is not trivially true).
-    initial = MetaTrainer(config, tmp_path / "init", quiet=True)
-    initial.setup()
-    start = initial.learner.state_dict()
-    assert any(not torch.equal(start[name], a[name]) for name in a)
 
 
 DROPOUT_BACKBONE = """
@@ -249,14 +196,14 @@ def build(*, conv_factory, in_channels, **options):
 
 def _interrupt_at(trainer: MetaTrainer, step: int) -> None:
     """Make ``trainer`` die (like a kill) when it starts outer step ``step``."""
-    original = trainer.meta_step
+    original = trainer.step_once
 
-    def meta_step(current: int) -> tuple[float, float]:
+    def step_once(current: int) -> dict[str, float]:
         if current == step:
             raise KeyboardInterrupt
         return original(current)
 
-    trainer.meta_step = meta_step  # type: ignore[method-assign]
+    trainer.step_once = step_once  # type: ignore[method-assign]
 
 
 @pytest.mark.slow
@@ -270,9 +217,11 @@ def test_killed_run_resumes_bit_identically_with_dropout(
     (tmp_path / "dropout_backbone.py").write_text(DROPOUT_BACKBONE)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tiny_config(
-        "episodes.test_shots=[1]", "episodes.test_episodes=1", "episodes.val_episodes=2",
+        "episodes.test_shots=[1]",
+        "episodes.test_episodes=1",
+        "episodes.val_episodes=2",
         model={"backbone": "dropout_backbone:build", "backbone_options": {"filters": 4}},
-    )  # fmt: skip
+    )
     MetaTrainer(config, tmp_path / "full", quiet=True).fit()
 
     killed = MetaTrainer(config, tmp_path / "killed", quiet=True)
@@ -282,7 +231,7 @@ def test_killed_run_resumes_bit_identically_with_dropout(
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 3
     torch.manual_seed(4321)  # the new process's RNGs are elsewhere
     if not restore_rng:
-        monkeypatch.setattr("fewshot_nsl.runner.restore_rng_state", lambda state: None)
+        monkeypatch.setattr("fewshot_nsl.engine.restore_rng_state", lambda state: None)
     MetaTrainer(config, tmp_path / "killed", quiet=True).fit(resume=True)
 
     a = _parameters(tmp_path / "full" / "last.pt")
@@ -298,8 +247,14 @@ def test_killed_run_resumes_bit_identically_with_dropout(
 def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
     results = MetaTrainer(tiny_config(), tmp_path, quiet=True).fit()
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt",
-            "results.json"} <= names  # fmt: skip
+    assert {
+        "config.yaml",
+        "meta.json",
+        "metrics.jsonl",
+        "best.pt",
+        "last.pt",
+        "results.json",
+    } <= names
     run = RunDir(tmp_path)
     meta = run.read_json("meta.json")
     assert set(meta["data"]) == {"train", "val", "test"} and "torch" in meta["versions"]
@@ -321,8 +276,11 @@ def test_fit_writes_the_run_directory(tmp_path: Path) -> None:
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
     MetaTrainer(tiny_config("train.steps=1"), tmp_path, quiet=True).fit()
     other = tiny_config("train.steps=2", "model.backbone_options.filters=8")
-    with pytest.raises(CheckpointMismatch, match=r"model\.backbone_options\.filters: "
-                                                 r"checkpoint 4, config 8"):
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"model\.backbone_options\.filters: "
+        r"checkpoint 4, config 8",
+    ):
         MetaTrainer(other, tmp_path, quiet=True).fit(resume=True)
 
 
@@ -372,10 +330,11 @@ def test_bad_learner_options_surface_as_config_errors(tmp_path: Path) -> None:
         MetaTrainer(config, tmp_path, quiet=True).setup()
 
 
-def test_progress_bar_path_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_progress_bar_path_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """With a terminal, progress goes through tqdm (bar with loss/acc, val lines above it)."""
-    monkeypatch.setattr("fewshot_nsl.runner._progress_enabled", lambda quiet: not quiet)
+    monkeypatch.setattr("fewshot_nsl.engine._progress_enabled", lambda quiet: not quiet)
     config = tiny_config("train.steps=3", "episodes.test_shots=[1]", "episodes.test_episodes=2")
     MetaTrainer(config, tmp_path, quiet=False).fit()
     err = capsys.readouterr().err

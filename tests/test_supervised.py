@@ -1,4 +1,7 @@
-"""Supervised NSN classification (fewshot_nsl.supervised): data, config, model, training, export."""
+"""Supervised NSN classification (fewshot_nsl.supervised): data, config, model, training, export.
+
+Over 400 lines: mirrors the whole supervised package (data, model, schema, training, export).
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ from fewshot_nsl.supervised import (
 )
 from fewshot_nsl.supervised.data import TrainBatches
 from fewshot_nsl.supervised.model import count_parameters, parameter_groups
-from fewshot_nsl.supervised.train import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,14 +280,6 @@ def test_models_and_parameter_counts():
     assert linear(torch.zeros(3, 3, 16, 16)).shape == (3, 5)
 
 
-def test_lr_schedule_of_the_recipe():
-    milestones = [20000, 30000, 37500]
-    factors = [lr_multiplier(i, milestones, 0.1) for i in (0, 19999, 20000, 30000, 37499, 37500)]
-    np.testing.assert_allclose(factors, [1, 1, 0.1, 0.01, 0.01, 0.001])
-    warm = [lr_multiplier(i, [3], 0.1, warmup=4) for i in range(6)]
-    np.testing.assert_allclose(warm, [0.25, 0.5, 0.75, 0.1, 0.1, 0.1])
-
-
 def test_train_batches_are_epoch_permutations_and_reproducible():
     labels = np.arange(10)
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(2, axis=1)
@@ -316,44 +310,11 @@ def test_compare_throughput_reports_ratios():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_training_decreases_the_loss(variant, glyphs):
-    trainer = SupervisedTrainer(tiny_config(VARIANTS[variant]), glyphs)
-    losses = [trainer.step()["loss"] for _ in range(15)]
+    trainer = SupervisedTrainer(tiny_config(VARIANTS[variant]), data=glyphs)
+    trainer.build()
+    losses = [trainer.step_once(step)["loss"] for step in range(15)]
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.5 * first, (variant, losses)
-
-
-@pytest.mark.slow
-def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, glyphs):
-    config = tiny_config(VARIANTS["static_shared"], iterations=6, checkpoint_every=3)
-    config["data"]["augment"] = True  # augmentation must resume exactly too
-    config["eval"]["speed_rounds"] = 0
-    run_supervised(config, out_dir=tmp_path / "full", progress=False, data=glyphs)
-    run_supervised(
-        {**config, "train": {**config["train"], "iterations": 3}},
-        out_dir=tmp_path / "part",
-        progress=False,
-        data=glyphs,
-    )
-    run_supervised(
-        config,
-        out_dir=tmp_path / "part",
-        resume=True,
-        progress=False,
-        data=glyphs,
-        log=lambda line: None,
-    )
-    full, _ = load_trained_model(tmp_path / "full" / "last.pt")
-    part, _ = load_trained_model(tmp_path / "part" / "last.pt")
-    for (name, a), b in zip(full.state_dict().items(), part.state_dict().values()):
-        assert torch.equal(a, b), name
-    steps = [
-        r["step"]
-        for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").open())
-        if r["event"] == "train"
-    ]
-    # Records of the interrupted run after its checkpoint are dropped, none duplicated: step 3
-    # is the short run's final log, 5 (log_every) and 6 (the end) come from the resumed one.
-    assert steps == [3, 5, 6]
 
 
 @pytest.mark.slow
@@ -402,8 +363,9 @@ def test_folded_export_predicts_identically_without_the_package(tmp_path, glyphs
     assert error == pytest.approx(results["test_error"], abs=0)
 
     # Without --fold the NSL layers are exported as they are (same predictions, NSL speed).
-    unfolded, meta = load_exported(export_model(tmp_path / "run" / "last.pt",
-                                                tmp_path / "nsl.pt2", fold=False))
+    unfolded, meta = load_exported(
+        export_model(tmp_path / "run" / "last.pt", tmp_path / "nsl.pt2", fold=False)
+    )
     assert not meta["folded"]
     with torch.no_grad():
         torch.testing.assert_close(unfolded(images), reference, rtol=1e-4, atol=1e-4)
@@ -420,15 +382,34 @@ def test_cli_trains_and_refuses_to_fold_a_dynamic_network(tmp_path, capsys):
         f"model: {{backbone: cnn9, backbone_options: {json.dumps(TINY_BACKBONE)}, "
         "conv: {kind: dynamic, similarity: diagonal, granularity: sample, hidden: 4}}\n"
     )
-    status = main([
-        "train-supervised", "--config", str(config_path), "--out", str(tmp_path / "run"),
-        "--quiet", "train.iterations=2", "train.batch_size=8", "train.device=cpu",
-        "eval.speed_rounds=1", "eval.speed_repeats=1", "eval.speed_batch_size=4",
-    ])
+    status = main(
+        [
+            "train-supervised",
+            "--config",
+            str(config_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+            "train.iterations=2",
+            "train.batch_size=8",
+            "train.device=cpu",
+            "eval.speed_rounds=1",
+            "eval.speed_repeats=1",
+            "eval.speed_batch_size=4",
+        ]
+    )
     assert status == 0 and "test error" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "results.json").read_text())["iterations"] == 2
-    status = main(["export", "--checkpoint", str(tmp_path / "run" / "last.pt"),
-                   "--out", str(tmp_path / "m.pt2"), "--fold"])
+    status = main(
+        [
+            "export",
+            "--checkpoint",
+            str(tmp_path / "run" / "last.pt"),
+            "--out",
+            str(tmp_path / "m.pt2"),
+            "--fold",
+        ]
+    )
     assert status == 2
     assert "dynamic NSL layers" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
     status = main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--out", "x.pt2"])

@@ -44,15 +44,20 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Supervised image classification with NSL (docs/supervised.md). "
         "Writes a run directory with config.yaml, metrics.jsonl, last.pt and results.json.",
     )
-    train.add_argument("--config", required=True, help="YAML config, e.g. "
-                       "configs/cifar100_cnn9_static_shared.yaml")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="dotted config overrides, e.g. train.iterations=1000")
+    train.add_argument(
+        "--config", required=True, help="YAML config, e.g. configs/cifar100_cnn9_static_shared.yaml"
+    )
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. train.iterations=1000",
+    )
     where = train.add_mutually_exclusive_group()
-    where.add_argument("--out", help="run directory (default: train.out_dir or "
-                       "runs/supervised/NAME)")
-    where.add_argument("--resume", metavar="DIR",
-                       help="continue the run in DIR from its last.pt")
+    where.add_argument(
+        "--out", help="run directory (default: train.out_dir or runs/supervised/NAME)"
+    )
+    where.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
     train.add_argument("--quiet", action="store_true", help="no config dump, no progress bar")
     train.set_defaults(handler=_train_supervised)
 
@@ -65,7 +70,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--checkpoint", required=True, help="last.pt of a train-supervised run")
     export.add_argument("--out", required=True, help="file to write, e.g. model.pt2")
-    export.add_argument("--fold", action="store_true",
-                        help="fold static NSL layers into plain nn.Conv2d (same predictions, "
-                        "CNN speed)")
+    export.add_argument(
+        "--fold",
+        action="store_true",
+        help="fold static NSL layers into plain nn.Conv2d (same predictions, CNN speed)",
+    )
     export.set_defaults(handler=_export)

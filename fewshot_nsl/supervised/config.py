@@ -10,21 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# The few-shot schema's field checks are reused, so both commands validate alike.
 from fewshot_nsl.config import (
     Field,
     Open,
-    check_backbone,
     check_device,
     load_config,
     milestones,
     non_negative_int,
     positive_int,
 )
-from fewshot_nsl.nn import ConvSpec
+from fewshot_nsl.model_config import check_backbone, check_conv
 from fewshot_nsl.supervised.data import DATASETS
 from fewshot_nsl.supervised.model import HEADS
-from fewshot_nsl.supervised.train import PENALTY_TARGETS
+
+#: What the L2 penalty on the similarity matrices pulls ``M`` towards (docs/supervised.md).
+PENALTY_TARGETS = ("zero", "identity")
 
 
 def _non_negative_float(value: float) -> float:
@@ -34,8 +34,7 @@ def _non_negative_float(value: float) -> float:
 
 
 def _channel_floats(value: list[Any]) -> list[float]:
-    if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                            for v in value):
+    if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ValueError(f"must be a non-empty list of numbers (one per channel), got {value!r}")
     return [float(v) for v in value]
 
@@ -44,11 +43,6 @@ def _image_shape(value: list[Any]) -> list[int]:
     if len(value) != 3 or not all(isinstance(v, int) and v >= 1 for v in value):
         raise ValueError(f"must be [C, H, W] (3 positive ints), got {value!r}")
     return [int(v) for v in value]
-
-
-def _check_conv(conv: dict[str, Any]) -> dict[str, Any]:
-    """Every ConvSpec field filled in (the resolved config records the full layer choice)."""
-    return ConvSpec.from_dict(conv).to_dict()
 
 
 SUPERVISED_DEFAULTS: dict[str, Any] = {
@@ -70,7 +64,7 @@ SUPERVISED_DEFAULTS: dict[str, Any] = {
     "model": {
         "backbone": Field("cnn9", check=check_backbone),
         "backbone_options": Open(),
-        "conv": Open({"kind": "plain"}, check=_check_conv),
+        "conv": Open({"kind": "plain"}, check=check_conv),
         "head": Field("backbone", choices=HEADS),
     },
     "train": {

@@ -14,19 +14,19 @@ resumed from a checkpoint at iteration ``k`` continues exactly the same stream.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
+from fewshot_nsl.engine import Engine, Evaluation, LRFactor
 from fewshot_nsl.nn import fold_model, similarity_penalty
-from fewshot_nsl.runner import resolve_device
+from fewshot_nsl.supervised.config import SUPERVISED_DEFAULTS
 from fewshot_nsl.supervised.data import (
     ClassificationData,
     TrainBatches,
@@ -42,7 +42,11 @@ from fewshot_nsl.supervised.model import (
 )
 from fewshot_nsl.supervised.speed import compare_throughput
 
-PENALTY_TARGETS = ("zero", "identity")
+
+def run_dir_for(config: Mapping[str, Any]) -> Path:
+    """``train.out_dir``, else ``runs/supervised/NAME``."""
+    name = str(config.get("name") or "run")
+    return Path(config["train"]["out_dir"] or Path("runs") / "supervised" / name)
 
 
 def train_transform(
@@ -61,8 +65,10 @@ def record_data_properties(data_config: dict[str, Any], data: ClassificationData
     model without reading the data again. Values already set are kept (mean/std) or checked
     against the data (num_classes, image_shape).
     """
-    for key, actual in (("num_classes", data.num_classes),
-                        ("image_shape", list(data.image_shape))):
+    for key, actual in (
+        ("num_classes", data.num_classes),
+        ("image_shape", list(data.image_shape)),
+    ):
         given = data_config.get(key)
         if given is not None and list(np.atleast_1d(given)) != list(np.atleast_1d(actual)):
             raise ValueError(f"data.{key} is {given} but the {data.name} data has {actual}")
@@ -76,17 +82,6 @@ def record_data_properties(data_config: dict[str, Any], data: ClassificationData
                 f"data.{key} has {len(data_config[key])} values, the images have {channels} "
                 "channels"
             )
-
-
-def lr_multiplier(
-    iteration: int, milestones: list[int], gamma: float, warmup: int = 0
-) -> float:
-    """Step schedule ``gamma ** (number of milestones <= iteration)``, times a linear warm-up
-    ``(iteration + 1) / warmup`` during the first ``warmup`` iterations (0: no warm-up)."""
-    factor = gamma ** sum(iteration >= milestone for milestone in milestones)
-    if warmup > 0:
-        factor *= min(1.0, (iteration + 1) / warmup)
-    return factor
 
 
 def classification_loss(
@@ -140,33 +135,103 @@ def evaluate(
     return {"error": errors / len(labels), "loss": loss_sum / len(labels), "predictions": predicted}
 
 
-class SupervisedTrainer:
-    """Builds data, model and optimiser from a resolved config and runs the training loop.
+class SupervisedTrainer(Engine):
+    """The supervised classification task of the training engine (:mod:`fewshot_nsl.engine`).
+
+    Supplies the data (and fills ``data.{mean,std,num_classes,image_shape}`` of its config
+    copy), the model, SGD with the recipe's parameter groups, the step schedule with warm-up,
+    one SGD step per training batch, and the test-split evaluation every ``train.eval_every``
+    iterations and at the end.
 
     Args:
-        config: a resolved config (:data:`fewshot_nsl.supervised.SUPERVISED_DEFAULTS` layout);
-            copied, and its ``data.{mean,std,num_classes,image_shape}`` filled in from the data.
+        config: a resolved config (:data:`fewshot_nsl.supervised.SUPERVISED_DEFAULTS` layout).
+        out_dir: run directory (default :func:`run_dir_for`).
         data: preloaded data (tests and benchmarks reuse one dataset across models); loaded
             from ``config["data"]`` when ``None``.
+        quiet, log: as for :class:`~fewshot_nsl.engine.Engine`.
     """
 
-    def __init__(self, config: Mapping[str, Any], data: ClassificationData | None = None):
-        self.config = copy.deepcopy(dict(config))
-        train = self.config["train"]
-        self.device = resolve_device(train["device"])
+    #: Keys that may change between an interrupted run and its resumption: they do not
+    #: change the trajectory up to the checkpoint.
+    resumable_changes = (
+        "name",
+        "train.iterations",
+        "train.log_every",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.device",
+        "train.out_dir",
+        "eval.",
+    )
+    schema = SUPERVISED_DEFAULTS
+    eval_event = "test"
+    final_evaluation = True
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        out_dir: str | Path | None = None,
+        *,
+        data: ClassificationData | None = None,
+        quiet: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(config, out_dir, quiet=quiet, log=log)
+        self.data = data
+        self._evaluated: tuple[int, dict[str, Any]] | None = None  # (step, result) of the last
+
+    default_out_dir = staticmethod(run_dir_for)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config["train"]["iterations"]
+
+    @property
+    def iteration(self) -> int:
+        """Training iterations done (the engine's step)."""
+        return self.step
+
+    @property
+    def eval_every(self) -> int:
+        return self.config["train"]["eval_every"]
+
+    def prepare(self) -> None:
         data_config = self.config["data"]
-        self.data = data if data is not None else load_data(
-            data_config["dataset"], data_config["root"], **dict(data_config["options"] or {})
-        )
+        if self.data is None:
+            self.data = load_data(
+                data_config["dataset"], data_config["root"], **dict(data_config["options"] or {})
+            )
         record_data_properties(data_config, self.data)
-        torch.manual_seed(train["seed"])
-        self.model = model_from_config(self.config).to(self.device)
-        self.optimizer = torch.optim.SGD(
-            parameter_groups(self.model, train["weight_decay"]),
+
+    def fingerprints(self) -> dict[str, str]:
+        assert self.data is not None, "call build() first"
+        return {"train+test": self.data.fingerprint}
+
+    def build_model(self) -> nn.Module:
+        return model_from_config(self.config)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        train = self.config["train"]
+        return torch.optim.SGD(
+            parameter_groups(model, train["weight_decay"]),
             lr=train["lr"],
             momentum=train["momentum"],
             nesterov=bool(train["nesterov"]),
         )
+
+    def lr_schedule(self) -> LRFactor:
+        train = self.config["train"]
+        return LRFactor(
+            "step",
+            train["iterations"],
+            train["lr_milestones"],
+            train["lr_gamma"],
+            warmup=train["warmup_iterations"],
+        )
+
+    def build_inputs(self) -> None:
+        assert self.data is not None
+        train, data_config = self.config["train"], self.config["data"]
         self.batches = TrainBatches(
             self.data.train_images, self.data.train_labels, train["batch_size"], train["seed"]
         )
@@ -174,108 +239,64 @@ class SupervisedTrainer:
         self.transform = train_transform(
             self.data.image_shape, bool(data_config["augment"]), self.normalize
         )
-        self.iteration = 0
-        self.train_time_s = 0.0  # wall time spent in step() (not in evaluation)
 
-    def _set_lr(self) -> float:
+    def gradient_step(self, step: int) -> dict[str, float]:
+        """Gradients of the loss on train batch ``step``; its loss and accuracy."""
+        assert self.model is not None, "call build() first"
         train = self.config["train"]
-        lr = train["lr"] * lr_multiplier(self.iteration, train["lr_milestones"], train["lr_gamma"],
-                                         train["warmup_iterations"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def step(self) -> dict[str, float]:
-        """One SGD step on train batch ``self.iteration``; returns its loss and accuracy."""
-        start = time.perf_counter()
-        train = self.config["train"]
-        lr = self._set_lr()
-        uint8_images, labels = self.batches.batch(self.iteration)
+        uint8_images, labels = self.batches.batch(step)
         # Augmentation drawn from (seed, iteration): reproducible and resumable.
-        generator = torch.Generator().manual_seed(train["seed"] * 1_000_003 + self.iteration)
+        generator = torch.Generator().manual_seed(train["seed"] * 1_000_003 + step)
         images = self.transform(to_float_images(uint8_images), generator)
         images, labels = images.to(self.device), labels.to(self.device)
         self.model.train()
         loss, logits = classification_loss(
-            self.model, images, labels,
+            self.model,
+            images,
+            labels,
             label_smoothing=train["label_smoothing"],
             penalty_weight=train["similarity_penalty"],
             penalty_target=train["penalty_target"],
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss became {loss.item()} at iteration {self.iteration} "
-                f"(lr {lr}); lower train.lr"
+                f"training loss became {loss.item()} at iteration {step} "
+                f"(lr {self.optimizer.param_groups[0]['lr']}); lower train.lr"
             )
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.iteration += 1
         accuracy = (logits.argmax(1) == labels).float().mean().item()
-        loss_value = loss.item()
-        self.train_time_s += time.perf_counter() - start
-        return {"loss": loss_value, "accuracy": accuracy, "lr": lr}
+        return {"loss": loss.item(), "train_accuracy": accuracy}
 
-    def evaluate(self) -> dict[str, Any]:
+    def test_evaluation(self) -> dict[str, Any]:
         """Test error and loss of the current model on the data's test split."""
-        return evaluate(
-            self.model, self.data.test_images, self.data.test_labels, self.normalize,
-            batch_size=self.config["eval"]["batch_size"], device=self.device,
+        assert self.model is not None and self.data is not None, "call build() first"
+        if self._evaluated is not None and self._evaluated[0] == self.step:
+            return self._evaluated[1]
+        result = evaluate(
+            self.model,
+            self.data.test_images,
+            self.data.test_labels,
+            self.normalize,
+            batch_size=self.config["eval"]["batch_size"],
+            device=self.device,
+        )
+        self._evaluated = (self.step, result)
+        return result
+
+    def evaluate(self, step: int) -> Evaluation:
+        result = self.test_evaluation()
+        return Evaluation(
+            values={"test_error": result["error"], "test_loss": result["loss"]},
+            message=f"[{self.config.get('name')}] iteration {step} test error "
+            f"{100 * result['error']:.2f}% (loss {result['loss']:.4g})",
         )
 
-    def train(
-        self,
-        *,
-        progress: bool = True,
-        on_log: Any = None,
-        on_checkpoint: Any = None,
-    ) -> list[dict[str, float]]:
-        """Train up to ``train.iterations``; returns the logged metric records.
-
-        ``on_log(record)`` receives every log record (train metrics every ``log_every``
-        iterations, test metrics every ``eval_every``); ``on_checkpoint(trainer)`` is called
-        every ``checkpoint_every`` iterations.
-        """
-        train = self.config["train"]
-        total = train["iterations"]
-        records: list[dict[str, float]] = []
-        window: list[dict[str, float]] = []
-        bar = tqdm(total=total, initial=self.iteration, disable=not progress, desc="train",
-                   dynamic_ncols=True, leave=False)
-        start = time.perf_counter()
-        try:
-            while self.iteration < total:
-                window.append(self.step())
-                bar.update(1)
-                done = self.iteration
-                if done % train["log_every"] == 0 or done == total:
-                    record = {
-                        "iteration": done,
-                        "loss": float(np.mean([m["loss"] for m in window])),
-                        "train_accuracy": float(np.mean([m["accuracy"] for m in window])),
-                        "lr": window[-1]["lr"],
-                        "elapsed_s": time.perf_counter() - start,
-                    }
-                    window = []
-                    bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                    acc=f"{record['train_accuracy']:.3f}")
-                    records.append(record)
-                    if on_log is not None:
-                        on_log(record)
-                if train["eval_every"] and done % train["eval_every"] == 0 and done < total:
-                    result = self.evaluate()
-                    record = {"iteration": done, "test_error": result["error"],
-                              "test_loss": result["loss"]}
-                    records.append(record)
-                    if on_log is not None:
-                        on_log(record)
-                if on_checkpoint is not None and train["checkpoint_every"] and (
-                    done % train["checkpoint_every"] == 0
-                ):
-                    on_checkpoint(self)
-        finally:
-            bar.close()
-        return records
+    def finish(self) -> dict[str, Any]:
+        """:meth:`summary` with the run directory and the run's name."""
+        results = self.summary()
+        results["run_dir"] = str(self.out_dir)
+        results["name"] = self.config.get("name")
+        return results
 
     # ----------------------------------------------------------------- report
     def summary(self) -> dict[str, Any]:
@@ -288,14 +309,15 @@ class SupervisedTrainer:
         interleaved (:func:`compare_throughput`).
         """
         config = self.config
-        result = self.evaluate()
+        assert self.model is not None and self.data is not None, "call build() first"
+        result = self.test_evaluation()
         twin = model_from_config({**config, "model": plain_twin_config(config["model"])})
         total_parameters = count_parameters(self.model)
         summary: dict[str, Any] = {
             "dataset": self.data.name,
             "backbone": config["model"]["backbone"],
             "conv": dict(config["model"]["conv"]),
-            "iterations": self.iteration,
+            "iterations": self.step,
             "test_error": result["error"],
             "test_loss": result["loss"],
             "test_images": len(self.data.test_labels),
@@ -308,8 +330,12 @@ class SupervisedTrainer:
         if config["model"]["conv"].get("kind") == "static":
             folded = fold_model(copy.deepcopy(self.model)).eval()
             folded_result = evaluate(
-                folded, self.data.test_images, self.data.test_labels, self.normalize,
-                batch_size=config["eval"]["batch_size"], device=self.device,
+                folded,
+                self.data.test_images,
+                self.data.test_labels,
+                self.normalize,
+                batch_size=config["eval"]["batch_size"],
+                device=self.device,
             )
             summary["folded_test_error"] = folded_result["error"]
             summary["folded_parameters"] = count_parameters(folded)
@@ -317,8 +343,11 @@ class SupervisedTrainer:
         speed_config = config["eval"]
         if speed_config["speed_rounds"] > 0:
             speeds = compare_throughput(
-                models, self.data.image_shape, batch_size=speed_config["speed_batch_size"],
-                rounds=speed_config["speed_rounds"], repeats=speed_config["speed_repeats"],
+                models,
+                self.data.image_shape,
+                batch_size=speed_config["speed_batch_size"],
+                rounds=speed_config["speed_rounds"],
+                repeats=speed_config["speed_repeats"],
                 device=self.device,
             )
             summary["inference_images_per_s"] = speeds["model"]["images_per_s"]
