@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewshot_nsl.ops import BACKEND_ENV, backend, bilinear_conv2d, effective_weight
-from fewshot_nsl.ops.bilinear import _sample_grouped_torch, _sample_unfold_torch
+from fewshot_nsl.ops import BACKEND_ENV, ConvGeometry, backend, bilinear_conv2d, effective_weight
+from fewshot_nsl.ops.torch_paths import _sample_grouped_torch, _sample_unfold_torch
 
 # (label, in_channels, out_channels, spatial size) per GPU preset.
 GPU_PRESETS: dict[str, list[tuple[str, int, int, int]]] = {
@@ -97,10 +97,12 @@ def make_rows(
 
         return run
 
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1))
+
     def sample_path(path: Callable[..., torch.Tensor]) -> Callable[[], None]:
         # One per-sample formulation forced, whatever the shape-based chooser would pick.
         def run() -> None:
-            path(x, weight, m_sample_diag, (1, 1), (1, 1), (1, 1), True).backward(grad_out)
+            path(x, weight, m_sample_diag, geometry, True).backward(grad_out)
 
         return run
 

@@ -11,11 +11,13 @@ from torch import Tensor, nn
 
 from fewshot_nsl.nn.functional import PATCH_NORM_EPS, patch_norm
 from fewshot_nsl.nn.static import _check_choice, _init_conv_layer, reset_conv_parameters
-from fewshot_nsl.ops import bilinear_conv2d
-from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
+from fewshot_nsl.ops import ConvGeometry, IntPair, Padding, bilinear_conv2d, to_pair
 
 DYNAMIC_SIMILARITIES = ("diagonal", "full")
 DYNAMIC_GRANULARITIES = ("location", "sample")
+#: The one default dynamic granularity (layers, predictors and ConvSpec): one M per image, the
+#: form the few-shot learners use. The authors' per-location form is ``"location"``.
+DEFAULT_DYNAMIC_GRANULARITY = "sample"
 #: The per-sample predictor first average-pools its input to at most this many cells per side,
 #: so its cost does not grow with the feature map (one M per image needs no fine detail). 4 (was
 #: 8): the predictor's fixed cost then stays near a 4x4 main conv's (docs/benchmarks/learners.md).
@@ -84,7 +86,7 @@ class SimilarityPredictor(nn.Module):
         in_channels: int,
         kernel_size: IntPair,
         similarity: str = "diagonal",
-        granularity: str = "location",
+        granularity: str = DEFAULT_DYNAMIC_GRANULARITY,
         hidden: int = 64,
         batch_norm: bool | None = None,
     ) -> None:
@@ -94,7 +96,7 @@ class SimilarityPredictor(nn.Module):
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden!r}")
         self.in_channels = in_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.kernel_size = to_pair(kernel_size, "kernel_size", 1)
         self.similarity = similarity
         self.granularity = granularity
         self.hidden = hidden
@@ -120,18 +122,12 @@ class SimilarityPredictor(nn.Module):
         if isinstance(self.norm, nn.BatchNorm2d):
             self.norm.reset_parameters()
 
-    def forward(
-        self,
-        x: Tensor,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-    ) -> Tensor:
+    def forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor:
         """``M`` for a main conv with this canonical geometry (see the class docstring)."""
         batch = x.shape[0]
         if self.granularity == "location":
             x = x / patch_norm(x, self.kernel_size, padding="same")
-            h = F.conv2d(x, self.conv1.weight, self.conv1.bias, stride, padding, dilation)
+            h = F.conv2d(x, self.conv1.weight, self.conv1.bias, *geometry)
             delta = self.head(F.relu(self.norm(h)))  # (B, outputs, H_out, W_out)
             h_out, w_out = delta.shape[2:]
             if self.diagonal:
@@ -176,14 +172,8 @@ class AdaptedPredictor(nn.Module):
     def reset_parameters(self) -> None:
         self.adapter.reset_parameters()
 
-    def forward(
-        self,
-        x: Tensor,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-    ) -> Tensor:
-        return self.shared(self.adapter(x), stride, padding, dilation)
+    def forward(self, x: Tensor, geometry: ConvGeometry) -> Tensor:
+        return self.shared(self.adapter(x), geometry)
 
 
 class DynamicNSLConv2d(nn.Module):
@@ -193,9 +183,9 @@ class DynamicNSLConv2d(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
             ``nn.Conv2d`` (no groups).
         similarity: ``"diagonal"`` (``HV`` tap weights) or ``"full"`` (``HV x HV``).
-        granularity: ``"location"`` (``M`` per sample and output location, the authors'
-            form) or ``"sample"`` (one ``M`` per image from globally pooled features; cheap,
-            the natural choice inside MAML-style learners).
+        granularity: ``"sample"`` (default; one ``M`` per image from globally pooled
+            features; cheap, the natural choice inside MAML-style learners) or ``"location"``
+            (``M`` per sample and output location, the authors' form).
         hidden: the predictor's hidden width.
         predictor: ``None`` builds the layer's own :class:`SimilarityPredictor`
             ("per_layer", the authors' "disjoint" predictor). Passing a shared
@@ -226,7 +216,7 @@ class DynamicNSLConv2d(nn.Module):
         dilation: IntPair = 1,
         bias: bool = True,
         similarity: str = "diagonal",
-        granularity: str = "location",
+        granularity: str = DEFAULT_DYNAMIC_GRANULARITY,
         hidden: int = 64,
         predictor: SimilarityPredictor | None = None,
         predictor_batch_norm: bool | None = None,
@@ -271,7 +261,7 @@ class DynamicNSLConv2d(nn.Module):
 
     def predict_similarity(self, x: Tensor) -> Tensor:
         """The ``M`` this layer uses for input ``x`` (shape per ``granularity``)."""
-        return self.predictor(x, self.stride, self.padding, self.dilation)
+        return self.predictor(x, ConvGeometry(self.stride, self.padding, self.dilation))
 
     def forward(self, x: Tensor) -> Tensor:
         M = self.predict_similarity(x)
