@@ -15,8 +15,10 @@ from torch import nn
 
 from fewshot_nsl.nn.dynamic import (
     DEFAULT_DYNAMIC_GRANULARITY,
+    DEFAULT_PREDICTOR_STYLE,
     DYNAMIC_GRANULARITIES,
     DYNAMIC_SIMILARITIES,
+    PREDICTOR_STYLES,
     DynamicNSLConv2d,
     SimilarityPredictor,
 )
@@ -67,6 +69,9 @@ class ConvSpec:
             (one predictor per kernel size for the whole network, per-layer 1x1 adapters).
         predictor_batch_norm: dynamic only: BatchNorm in the predictor (``None``: diagonal
             only, as the authors do; ``False`` keeps the predictor buffer-free).
+        predictor_style: dynamic only: ``"toolkit"`` | ``"authors"`` (the NSL authors'
+            predictor: patch norm dividing the first conv's output, no biases, BatchNorm
+            after both convolutions; see :class:`~fewshot_nsl.nn.SimilarityPredictor`).
 
     Fields that do not apply to ``kind`` are validated but ignored.
     """
@@ -78,6 +83,7 @@ class ConvSpec:
     hidden: int = 64
     predictor: str = "per_layer"
     predictor_batch_norm: bool | None = None
+    predictor_style: str = DEFAULT_PREDICTOR_STYLE
 
     def __post_init__(self) -> None:
         _require("kind", self.kind, KINDS)
@@ -92,6 +98,7 @@ class ConvSpec:
             _require("granularity", self.granularity, _KIND_GRANULARITIES[self.kind])
         _require("normalize", self.normalize, NORMALIZATIONS)
         _require("predictor", self.predictor, PREDICTORS)
+        _require("predictor_style", self.predictor_style, PREDICTOR_STYLES)
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"ConvSpec.hidden must be a positive int, got {self.hidden!r}")
         if self.predictor_batch_norm not in (None, True, False):
@@ -159,6 +166,7 @@ class ConvFactory:
                 spec.granularity,
                 spec.hidden,
                 spec.predictor_batch_norm,
+                spec.predictor_style,
             )
         return self._shared[kernel_size]
 
@@ -206,6 +214,7 @@ class ConvFactory:
             hidden=spec.hidden,
             predictor=shared,
             predictor_batch_norm=spec.predictor_batch_norm,
+            predictor_style=spec.predictor_style,
         )
 
     def __repr__(self) -> str:

@@ -225,8 +225,10 @@ class NSLConv2d(nn.Module):
 
         The default penalises the distance from a plain convolution, so the penalty is zero at
         initialisation and pulls towards the CNN rather than towards ``M = 0`` (which would
-        zero the layer). The authors' CIFAR code penalises ``M`` itself (weight 5e-3): pass
-        ``relative_to_identity=False`` to reproduce that. ``0`` for ``similarity="identity"``.
+        zero the layer). The authors' CIFAR code penalises the static *full* ``M`` itself with
+        ``l2_regularizer(5e-3)``, i.e. ``2.5e-3 * sum(M^2)`` (a static diagonal ``M`` gets no
+        penalty there): ``relative_to_identity=False`` with weight 2.5e-3 reproduces it.
+        ``0`` for ``similarity="identity"``.
         """
         if self.M is None:
             return self.weight.new_zeros(())
