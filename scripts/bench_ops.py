@@ -29,7 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_nsl.ops import BACKEND_ENV, ConvGeometry, backend, bilinear_conv2d, effective_weight
-from fewshot_nsl.ops.torch_paths import _sample_grouped_torch, _sample_unfold_torch
+from fewshot_nsl.ops.torch_paths import (
+    _location_tiled_torch,
+    _sample_grouped_torch,
+    _sample_unfold_torch,
+)
 
 # (label, in_channels, out_channels, spatial size) per GPU preset.
 GPU_PRESETS: dict[str, list[tuple[str, int, int, int]]] = {
@@ -106,6 +110,13 @@ def make_rows(
 
         return run
 
+    def location_tiled(M: torch.Tensor, diagonal: bool) -> Callable[[], None]:
+        # The row-band candidate of issue 14 (not dispatched): unfold/mix/contract per band.
+        def run() -> None:
+            _location_tiled_torch(x, weight, M, geometry, diagonal).backward(grad_out)
+
+        return run
+
     def plain() -> None:
         F.conv2d(x, weight, None, 1, 1).backward(grad_out)
 
@@ -122,6 +133,8 @@ def make_rows(
         Row("  forced: unfold + 1x1 conv", sample_path(_sample_unfold_torch), "torch"),
         Row("per-location diagonal, torch", op(m_loc_diag, "location", True), "torch"),
         Row("per-location full, torch", op(m_loc_full, "location", False), "torch"),
+        Row("  forced: location tiled, diagonal", location_tiled(m_loc_diag, True), "torch"),
+        Row("  forced: location tiled, full", location_tiled(m_loc_full, False), "torch"),
     ]
     if with_cuda:
         rows += [

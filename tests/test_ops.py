@@ -357,3 +357,35 @@ def test_output_size_matches_conv2d():
     for kernel, stride, padding, dilation in [((3, 3), 2, 1, 1), ((5, 3), (1, 2), (2, 0), (1, 3))]:
         expected = F.conv2d(x, torch.randn(1, 1, *kernel), None, stride, padding, dilation)
         assert output_size((11, 9), kernel, stride, padding, dilation) == tuple(expected.shape[2:])
+
+
+@pytest.mark.parametrize("tile_rows", [1, 3, 100])
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_location_tiled_matches_reference(tile_rows, diagonal, geometry):
+    """The row-band candidate path of issue 14 is exact on every geometry and band size."""
+    channels, out_ch, kernel, stride, padding, dilation, batch = geometry
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(batch, channels, 9, 8, dtype=DTYPE, generator=gen)
+    weight = torch.randn(out_ch, channels, kh, kw, dtype=DTYPE, generator=gen)
+    geom = canonical_geometry((kh, kw), stride, padding, dilation)
+    out_hw = output_size(x.shape[2:], (kh, kw), *geom)
+    M = random_m("location", diagonal, batch, channels, kh * kw, out_hw, gen)
+    expected = bilinear_conv2d_reference(x, weight, M, geom, "location", diagonal)
+    out = torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, tile_rows)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_location_tiled_gradcheck(diagonal):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 2, 4, 3, dtype=DTYPE, generator=gen, requires_grad=True)
+    weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
+    geom = ConvGeometry((1, 1), (1, 0), (1, 1))
+    M = random_m("location", diagonal, 2, 2, 4, (5, 2), gen).requires_grad_()
+
+    def op(x, weight, M):
+        return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
+
+    assert torch.autograd.gradcheck(op, (x, weight, M))

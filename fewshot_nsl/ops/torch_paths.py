@@ -146,6 +146,50 @@ def _location_torch(
     return contract_taps(mixed, weight, (h_out, w_out))
 
 
+#: Output rows per tile of :func:`_location_tiled_torch` (issue 14: candidate, unmeasured).
+LOCATION_TILE_ROWS = 4
+
+
+def _location_tiled_torch(
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    geometry: ConvGeometry,
+    diagonal: bool,
+    tile_rows: int = LOCATION_TILE_ROWS,
+) -> Tensor:
+    """:func:`_location_torch` over bands of ``tile_rows`` output rows (a speed candidate).
+
+    The input is zero-padded once; each band unfolds only the input rows it reads, mixes them
+    with its rows of ``M`` and contracts them with ``W`` (one matmul), so the ``C * HV``
+    tap stack exists one band at a time (small enough to stay in cache) instead of for the
+    whole map. Same arithmetic as :func:`_location_torch`; not dispatched until timed at low
+    load (``scripts/bench_ops.py`` rows "forced: location tiled").
+    """
+    batch, channels = x.shape[:2]
+    out_ch, _, kh, kw = weight.shape
+    taps = kh * kw
+    (sh, sw), (ph, pw), (dh, dw) = geometry
+    h_out, w_out = M.shape[1:3]
+    padded = F.pad(x, (pw, pw, ph, ph))
+    w_flat = weight.reshape(out_ch, channels * taps)
+    band_geometry = ConvGeometry((sh, sw), (0, 0), (dh, dw))
+    bands = []
+    for row in range(0, h_out, tile_rows):
+        rows = min(tile_rows, h_out - row)
+        first = row * sh
+        last = (row + rows - 1) * sh + dh * (kh - 1)
+        cols = unfold_taps(padded[:, :, first : last + 1], (kh, kw), band_geometry)
+        m_band = M[:, row : row + rows].reshape(batch, rows * w_out, *M.shape[3:])
+        if diagonal:
+            mixed = cols * m_band.transpose(1, 2).unsqueeze(1)
+        else:
+            mixed = torch.einsum("blkq,bcql->bckl", m_band, cols)
+        band = torch.matmul(w_flat, mixed.reshape(batch, channels * taps, rows * w_out))
+        bands.append(band.view(batch, out_ch, rows, w_out))
+    return torch.cat(bands, dim=2)
+
+
 def _sample_prefers_unfold(out_channels: int, out_hw: tuple[int, int]) -> bool:
     """Whether the per-sample op should take the unfold path for this layer shape.
 
