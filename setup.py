@@ -26,7 +26,7 @@ def cuda_extension_options() -> dict:
             "first, then run `FEWSHOT_NSL_BUILD_CUDA=1 pip install --no-build-isolation -e .`"
         ) from exc
     extension = CUDAExtension(
-        name="fewshot_nsl.ops._bilinear_cuda_C",  # the module fewshot_nsl.ops.cuda imports
+        name="fewshot_nsl.ops._bilinear_cuda_C",  # the module fewshot_nsl.ops.extension imports
         sources=[f"{CSRC}/bilinear_conv2d.cpp", f"{CSRC}/bilinear_conv2d_kernels.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fewshot_nsl.ops import BACKEND_ENV, backend, bilinear_conv2d, effective_weight
-from fewshot_nsl.ops.bilinear import _sample_grouped_torch, _sample_unfold_torch
+from fewshot_nsl.ops import BACKEND_ENV, ConvGeometry, backend, bilinear_conv2d, effective_weight
+from fewshot_nsl.ops.torch_paths import (
+    _location_tiled_torch,
+    _sample_grouped_torch,
+    _sample_unfold_torch,
+)
 
 # (label, in_channels, out_channels, spatial size) per GPU preset.
 GPU_PRESETS: dict[str, list[tuple[str, int, int, int]]] = {
@@ -97,10 +101,19 @@ def make_rows(
 
         return run
 
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1))
+
     def sample_path(path: Callable[..., torch.Tensor]) -> Callable[[], None]:
         # One per-sample formulation forced, whatever the shape-based chooser would pick.
         def run() -> None:
-            path(x, weight, m_sample_diag, (1, 1), (1, 1), (1, 1), True).backward(grad_out)
+            path(x, weight, m_sample_diag, geometry, True).backward(grad_out)
+
+        return run
+
+    def location_tiled(M: torch.Tensor, diagonal: bool) -> Callable[[], None]:
+        # The row-band candidate of issue 14 (not dispatched): unfold/mix/contract per band.
+        def run() -> None:
+            _location_tiled_torch(x, weight, M, geometry, diagonal).backward(grad_out)
 
         return run
 
@@ -120,6 +133,8 @@ def make_rows(
         Row("  forced: unfold + 1x1 conv", sample_path(_sample_unfold_torch), "torch"),
         Row("per-location diagonal, torch", op(m_loc_diag, "location", True), "torch"),
         Row("per-location full, torch", op(m_loc_full, "location", False), "torch"),
+        Row("  forced: location tiled, diagonal", location_tiled(m_loc_diag, True), "torch"),
+        Row("  forced: location tiled, full", location_tiled(m_loc_full, False), "torch"),
     ]
     if with_cuda:
         rows += [

@@ -30,8 +30,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fewshot_nsl.ops import cuda as cuda_ops  # noqa: E402
-from fewshot_nsl.ops.bilinear import bilinear_conv2d_reference, output_size  # noqa: E402
+from fewshot_nsl.ops import (  # noqa: E402
+    ConvGeometry,
+    bilinear_conv2d_reference,
+    extension,  # noqa: E402
+    output_size,
+)
+from fewshot_nsl.ops.custom_op import bilinear_conv2d_custom_op  # noqa: E402
+from fewshot_nsl.ops.extension import binding_arguments  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DEVICE = "cuda"
@@ -108,14 +114,12 @@ def check_case(ext, case: Case, dtype: torch.dtype, generator: torch.Generator) 
     if case.channels_last:
         inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
     x, weight, M = inputs
-    per_location = case.granularity == "location"
-    args = (list(stride), list(padding), list(dilation), per_location, case.diagonal)
+    geometry = ConvGeometry(stride, padding, dilation)
+    args = binding_arguments(geometry, case.granularity, case.diagonal)
 
     # float64 reference on the same (rounded) values
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref = bilinear_conv2d_reference(
-        *ref_inputs, stride, padding, dilation, case.granularity, case.diagonal
-    )
+    y_ref = bilinear_conv2d_reference(*ref_inputs, geometry, case.granularity, case.diagonal)
     grad_y = torch.randn(y_ref.shape, generator=generator, dtype=torch.float64).to(DEVICE)
     grads_ref = torch.autograd.grad(y_ref, ref_inputs, grad_y)
     grad_y = grad_y.to(dtype)
@@ -129,9 +133,7 @@ def check_case(ext, case: Case, dtype: torch.dtype, generator: torch.Generator) 
 
     # 2) the registered custom op and its autograd
     op_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    y_op = cuda_ops.bilinear_conv2d_cuda(
-        *op_inputs, stride, padding, dilation, case.granularity, case.diagonal
-    )
+    y_op = bilinear_conv2d_custom_op(*op_inputs, geometry, case.granularity, case.diagonal)
     grads_op = torch.autograd.grad(y_op, op_inputs, grad_y)
 
     errors = {"y": max(relative_error(y_out, y_ref), relative_error(y_op, y_ref))}
@@ -150,11 +152,11 @@ def run_gradchecks() -> list[tuple[str, bool]]:
     for granularity, diagonal in [(g, d) for g in ("sample", "location") for d in (False, True)]:
         case = Case(granularity, diagonal, 2, 2, 3, (6, 5), 3, 2, 1, 2)
         inputs = tuple(t.requires_grad_() for t in make_inputs(case, generator))
-        stride, padding, dilation = case.geometry()
+        geometry = ConvGeometry(*case.geometry())
 
-        def op(x, weight, M, case=case, stride=stride, padding=padding, dilation=dilation):
-            return cuda_ops.bilinear_conv2d_cuda(
-                x, weight, M, stride, padding, dilation, case.granularity, case.diagonal
+        def op(x, weight, M, case=case, geometry=geometry):
+            return bilinear_conv2d_custom_op(
+                x, weight, M, geometry, case.granularity, case.diagonal
             )
 
         label = f"gradcheck float64 {granularity}/{'diag' if diagonal else 'full'}"
@@ -182,9 +184,9 @@ def main() -> int:
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {torch.cuda.get_device_name()}")
     print("building/loading the extension (compiler output follows) ...", flush=True)
     start = time.perf_counter()
-    ext = cuda_ops.load_extension(verbose=True)
+    ext = extension.load_extension(verbose=True)
     if ext is None:
-        print(f"FAIL: the extension did not load: {cuda_ops.unavailable_reason()}")
+        print(f"FAIL: the extension did not load: {extension.unavailable_reason()}")
         return 2
     print(f"extension ready in {time.perf_counter() - start:.1f} s: {ext.__file__}")
     torch.backends.cudnn.allow_tf32 = False

@@ -21,10 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot_nsl.ops import cuda as cuda_ops
+from fewshot_nsl.ops import ConvGeometry
+from fewshot_nsl.ops import custom_op as custom_ops
+from fewshot_nsl.ops import extension as extension_loader
 
 needs_custom_op = pytest.mark.skipif(
-    not cuda_ops.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4"
+    not custom_ops.HAS_CUSTOM_OP, reason="torch.library.custom_op needs torch >= 2.4"
 )
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -88,8 +90,8 @@ def make_inputs(
 
 def call(x, weight, M, geometry, granularity, diagonal):
     _, stride, padding, dilation = geometry
-    return cuda_ops.bilinear_conv2d_cuda(
-        x, weight, M, stride, padding, dilation, granularity, diagonal
+    return custom_ops.bilinear_conv2d_custom_op(
+        x, weight, M, ConvGeometry(stride, padding, dilation), granularity, diagonal
     )
 
 
@@ -125,7 +127,7 @@ def test_gradcheck_and_gradgradcheck(granularity, diagonal):
     # Second order needs the differentiable backward op; the double backward is the same code
     # for every form, so two forms (one per path) suffice. Fast mode (random projections of
     # the Jacobian): the full check takes minutes on a CPU.
-    if cuda_ops.HAS_CUSTOM_OP and (granularity == "location") != diagonal:
+    if custom_ops.HAS_CUSTOM_OP and (granularity == "location") != diagonal:
         assert torch.autograd.gradgradcheck(op, inputs, fast_mode=True)
 
 
@@ -138,10 +140,10 @@ def test_autograd_function_fallback_gradcheck(granularity, diagonal):
     )
     inputs = tuple(t.requires_grad_() for t in inputs)
     _, stride, padding, dilation = geometry
-    args = (list(stride), list(padding), list(dilation), granularity == "location", diagonal)
+    args = (list(stride), list(padding), list(dilation), granularity, diagonal)
 
     def op(x, weight, M):
-        return cuda_ops.BilinearConv2dFunction.apply(x, weight, M, args)
+        return custom_ops.BilinearConv2dFunction.apply(x, weight, M, args)
 
     assert torch.autograd.gradcheck(op, inputs)
     torch.testing.assert_close(
@@ -188,7 +190,7 @@ def test_opcheck(granularity, diagonal):
     x, weight, M = (
         t.float().requires_grad_() for t in make_inputs(granularity, diagonal, geometry)
     )
-    args = (list(stride), list(padding), list(dilation), granularity == "location", diagonal)
+    args = (list(stride), list(padding), list(dilation), granularity, diagonal)
     forward_op = torch.ops.fewshot_nsl.bilinear_conv2d.default
     torch.library.opcheck(forward_op, (x, weight, M, *args))
     grad_y = torch.randn_like(forward_op(x, weight, M, *args)).requires_grad_()
@@ -204,7 +206,9 @@ def test_torch_compile_fullgraph_matches_eager():
     x, weight, M = (t.float().requires_grad_() for t in make_inputs("location", True, geometry))
 
     def block(x, weight, M):
-        y = cuda_ops.bilinear_conv2d_cuda(x, weight, M, stride, padding, dilation, "location", True)
+        y = custom_ops.bilinear_conv2d_custom_op(
+            x, weight, M, ConvGeometry(stride, padding, dilation), "location", True
+        )
         return torch.relu(y).square().mean()
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -222,33 +226,33 @@ def test_torch_compile_fullgraph_matches_eager():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_loader():
-    cuda_ops._reset_extension_state()
+    extension_loader._reset_extension_state()
     yield
-    cuda_ops._reset_extension_state()
+    extension_loader._reset_extension_state()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_cpu_machine_reports_unavailable_without_warning(fresh_loader):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails the test
-        assert cuda_ops.cuda_available() is False
-        assert cuda_ops.cuda_available() is False
-    assert cuda_ops.unavailable_reason() == "no CUDA device"
+        assert extension_loader.cuda_available() is False
+        assert extension_loader.cuda_available() is False
+    assert extension_loader.unavailable_reason() == "no CUDA device"
 
 
 def test_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
     def failing_build(verbose):
         raise RuntimeError("simulated nvcc failure")
 
-    monkeypatch.delenv(cuda_ops.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(extension_loader.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_ops, "_import_prebuilt", lambda: None)
-    monkeypatch.setattr(cuda_ops, "_jit_build", failing_build)
+    monkeypatch.setattr(extension_loader, "_import_prebuilt", lambda: None)
+    monkeypatch.setattr(extension_loader, "_jit_build", failing_build)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cuda_ops.cuda_available() is False
-        assert cuda_ops.cuda_available() is False
-        assert cuda_ops.load_extension() is None
+        assert extension_loader.cuda_available() is False
+        assert extension_loader.cuda_available() is False
+        assert extension_loader.load_extension() is None
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "simulated nvcc failure" in message and "PyTorch implementation" in message
@@ -263,49 +267,49 @@ def test_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch build")
 def test_real_loader_explains_a_cpu_only_torch(fresh_loader, monkeypatch):
     """With a GPU faked, the real JIT loader refuses (without compiling) and says why."""
-    monkeypatch.delenv(cuda_ops.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(extension_loader.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_ops, "_import_prebuilt", lambda: None)
+    monkeypatch.setattr(extension_loader, "_import_prebuilt", lambda: None)
     with pytest.warns(RuntimeWarning, match="built without CUDA"):
-        assert cuda_ops.cuda_available() is False
+        assert extension_loader.cuda_available() is False
 
 
 def test_prebuilt_module_is_preferred_over_a_jit_build(fresh_loader, monkeypatch):
     prebuilt = types.ModuleType("prebuilt")
-    monkeypatch.delenv(cuda_ops.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(extension_loader.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_ops, "_import_prebuilt", lambda: prebuilt)
+    monkeypatch.setattr(extension_loader, "_import_prebuilt", lambda: prebuilt)
 
     def must_not_build(verbose):
         raise AssertionError("the prebuilt module must be used")
 
-    monkeypatch.setattr(cuda_ops, "_jit_build", must_not_build)
-    assert cuda_ops.load_extension() is prebuilt
-    assert cuda_ops.cuda_available() is True
+    monkeypatch.setattr(extension_loader, "_jit_build", must_not_build)
+    assert extension_loader.load_extension() is prebuilt
+    assert extension_loader.cuda_available() is True
 
 
 def test_build_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_ext"))
-    assert cuda_ops._build_directory() is None  # torch then uses $TORCH_EXTENSIONS_DIR
+    assert extension_loader._build_directory() is None  # torch then uses $TORCH_EXTENSIONS_DIR
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    folder = Path(cuda_ops._build_directory())
+    folder = Path(extension_loader._build_directory())
     assert folder.is_dir() and folder.parent == tmp_path / "fewshot_nsl" / "torch_extensions"
     assert torch.__version__.split("+")[0] in folder.name
 
 
 def test_disable_env_skips_the_extension_silently(fresh_loader, monkeypatch):
-    monkeypatch.setenv(cuda_ops.DISABLE_ENV, "1")
+    monkeypatch.setenv(extension_loader.DISABLE_ENV, "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     def must_not_build(verbose):
         raise AssertionError("the build must not be attempted")
 
-    monkeypatch.setattr(cuda_ops, "_jit_build", must_not_build)
+    monkeypatch.setattr(extension_loader, "_jit_build", must_not_build)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cuda_ops.cuda_available() is False
-    assert cuda_ops.DISABLE_ENV in cuda_ops.unavailable_reason()
+        assert extension_loader.cuda_available() is False
+    assert extension_loader.DISABLE_ENV in extension_loader.unavailable_reason()
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +328,7 @@ def _cuda_include_dir() -> Path | None:
 def _compile_commands(tmp_path: Path) -> list[list[str]]:
     from torch.utils import cpp_extension
 
-    csrc = cuda_ops.CSRC_DIR
+    csrc = extension_loader.CSRC_DIR
     cuda_include = _cuda_include_dir()
     commands = [
         [
@@ -352,7 +356,7 @@ def _compile_commands(tmp_path: Path) -> list[list[str]]:
                 "-Wall",
                 "-Werror=return-type",
                 str(csrc / "bilinear_conv2d.cpp"),
-                f"-DTORCH_EXTENSION_NAME={cuda_ops.EXTENSION_NAME}",
+                f"-DTORCH_EXTENSION_NAME={extension_loader.EXTENSION_NAME}",
                 # The CPU wheel lacks the CMake-generated c10/cuda config header; it only holds
                 # export macros, which this define tells c10 to skip.
                 "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
@@ -426,7 +430,7 @@ def emulated_kernels(tmp_path_factory):
     folder = tmp_path_factory.mktemp("emulation")
     (folder / "shim.cpp").write_text(EMULATION_SHIM)
     library = folder / "kernels.so"
-    csrc = cuda_ops.CSRC_DIR
+    csrc = extension_loader.CSRC_DIR
     command = [
         cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
         f"-I{csrc}", f"-I{cuda_include}", "-include", str(csrc / "host_emulation.h"),
@@ -517,7 +521,7 @@ def no_tf32():
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("granularity,diagonal", FORMS)
 def test_gpu_float32_matches_reference(no_tf32, granularity, diagonal, geometry):
-    assert cuda_ops.cuda_available(), cuda_ops.unavailable_reason()
+    assert extension_loader.cuda_available(), extension_loader.unavailable_reason()
     inputs = make_inputs(granularity, diagonal, geometry, dtype=torch.float32, device="cuda")
     inputs = [t.requires_grad_() for t in inputs]
     y = call(*inputs, geometry, granularity, diagonal)
@@ -535,7 +539,7 @@ def test_gpu_float32_matches_reference(no_tf32, granularity, diagonal, geometry)
 @needs_gpu
 @pytest.mark.parametrize("granularity,diagonal", FORMS)
 def test_gpu_gradcheck_float64(granularity, diagonal):
-    assert cuda_ops.cuda_available(), cuda_ops.unavailable_reason()
+    assert extension_loader.cuda_available(), extension_loader.unavailable_reason()
     geometry = GEOMETRIES[1]
     inputs = make_inputs(
         granularity, diagonal, geometry, device="cuda", channels=2, out_ch=2, size=(5, 4)
@@ -553,7 +557,7 @@ def test_gpu_gradcheck_float64(granularity, diagonal):
 @needs_gpu
 @pytest.mark.parametrize("granularity,diagonal", FORMS)
 def test_gpu_bfloat16(granularity, diagonal):
-    assert cuda_ops.cuda_available(), cuda_ops.unavailable_reason()
+    assert extension_loader.cuda_available(), extension_loader.unavailable_reason()
     geometry = GEOMETRIES[0]
     inputs = make_inputs(
         granularity,
@@ -569,3 +573,14 @@ def test_gpu_bfloat16(granularity, diagonal):
     y_ref = reference(*(t.double() for t in inputs), *geometry[1:], granularity, diagonal)
     assert y.dtype == torch.bfloat16
     assert ((y.double() - y_ref).norm() / y_ref.norm()).item() < 1e-2
+
+
+def test_binding_arguments_name_the_granularity_by_one_flag():
+    """The one place where ``granularity`` meets the C++ binding's ``per_location`` bool."""
+    geometry = ConvGeometry((2, 1), (0, 1), (1, 2))
+    assert extension_loader.binding_arguments(geometry, "location", True) == (
+        [2, 1], [0, 1], [1, 2], True, True
+    )
+    assert extension_loader.binding_arguments(geometry, "sample", False)[3:] == (False, False)
+    with pytest.raises(ValueError, match="granularity"):
+        extension_loader.binding_arguments(geometry, "channel", False)

@@ -18,7 +18,7 @@ from fewshot_nsl.nn import (
     patch_norm,
     similarity_penalty,
 )
-from fewshot_nsl.ops import bilinear_conv2d_reference
+from fewshot_nsl.ops import ConvGeometry, bilinear_conv2d_reference
 
 DTYPE = torch.float64
 
@@ -30,10 +30,12 @@ def randomise_m(layer: NSLConv2d, seed: int = 0) -> None:
 
 
 @pytest.mark.parametrize("similarity", ["full", "diagonal", "identity"])
-@pytest.mark.parametrize("sharing", ["shared", "disjoint"])
-def test_static_fresh_layer_equals_conv2d(similarity, sharing):
+@pytest.mark.parametrize("granularity", ["shared", "channel"])
+def test_static_fresh_layer_equals_conv2d(similarity, granularity):
     torch.manual_seed(0)
-    layer = NSLConv2d(3, 5, 3, stride=2, padding=1, similarity=similarity, sharing=sharing)
+    layer = NSLConv2d(
+        3, 5, 3, stride=2, padding=1, similarity=similarity, granularity=granularity
+    )
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
     conv.load_state_dict({"weight": layer.weight, "bias": layer.bias})
     x = torch.randn(2, 3, 9, 9)
@@ -44,33 +46,36 @@ def test_static_fresh_layer_equals_conv2d(similarity, sharing):
 
 
 @pytest.mark.parametrize(
-    ("similarity", "sharing", "shape"),
+    ("similarity", "granularity", "shape"),
     [
         ("full", "shared", (9, 9)),
         ("diagonal", "shared", (9,)),
-        ("full", "disjoint", (4, 9, 9)),
-        ("diagonal", "disjoint", (4, 9)),
+        ("full", "channel", (4, 9, 9)),
+        ("diagonal", "channel", (4, 9)),
     ],
 )
-def test_static_matches_reference(similarity, sharing, shape):
+def test_static_matches_reference(similarity, granularity, shape):
     torch.manual_seed(1)
-    layer = NSLConv2d(4, 3, 3, padding=1, dilation=2, similarity=similarity, sharing=sharing)
-    layer = layer.double()
+    layer = NSLConv2d(
+        4, 3, 3, padding=1, dilation=2, similarity=similarity, granularity=granularity
+    ).double()
     assert tuple(layer.M.shape) == shape
     randomise_m(layer)
     x = torch.randn(2, 4, 8, 8, dtype=DTYPE)
-    granularity = "shared" if sharing == "shared" else "channel"
+    geometry = ConvGeometry((1, 1), (1, 1), (2, 2))
     expected = bilinear_conv2d_reference(
-        x, layer.weight, layer.M, (1, 1), (1, 1), (2, 2), granularity, similarity == "diagonal"
+        x, layer.weight, layer.M, geometry, granularity, similarity == "diagonal"
     ) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("similarity", ["full", "diagonal"])
-@pytest.mark.parametrize("sharing", ["shared", "disjoint"])
-def test_fold_equals_layer(similarity, sharing):
+@pytest.mark.parametrize("granularity", ["shared", "channel"])
+def test_fold_equals_layer(similarity, granularity):
     torch.manual_seed(2)
-    layer = NSLConv2d(3, 4, 3, stride=2, padding=1, similarity=similarity, sharing=sharing)
+    layer = NSLConv2d(
+        3, 4, 3, stride=2, padding=1, similarity=similarity, granularity=granularity
+    )
     randomise_m(layer)
     x = torch.randn(2, 3, 9, 9)
     folded = layer.fold()
@@ -80,7 +85,7 @@ def test_fold_equals_layer(similarity, sharing):
 
 def test_fold_model_leaves_only_conv2d():
     torch.manual_seed(3)
-    factory = ConvFactory(ConvSpec(kind="static", similarity="diagonal", sharing="disjoint"))
+    factory = ConvFactory(ConvSpec(kind="static", similarity="diagonal", granularity="channel"))
     model = nn.Sequential(
         factory(3, 8, 3, padding=1),
         nn.ReLU(),
@@ -140,7 +145,7 @@ def test_similarity_penalty():
         layer.similarity_penalty(relative_to_identity=False),
         (torch.eye(9) + 0.5).pow(2).sum(),
     )
-    diag = NSLConv2d(2, 2, 3, similarity="diagonal", sharing="disjoint")
+    diag = NSLConv2d(2, 2, 3, similarity="diagonal", granularity="channel")
     model = nn.Sequential(layer, nn.ReLU(), diag, NSLConv2d(2, 2, 3, similarity="identity"))
     total = similarity_penalty(model)
     torch.testing.assert_close(total, torch.tensor(81 * 0.25))
@@ -156,8 +161,22 @@ def test_similarity_penalty():
 def test_static_bad_arguments():
     with pytest.raises(ValueError, match="similarity must be one of"):
         NSLConv2d(1, 1, 3, similarity="cosine")
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        NSLConv2d(1, 1, 3, granularity="sample")
     with pytest.raises(ValueError, match="sharing must be one of"):
         NSLConv2d(1, 1, 3, sharing="channel")
+
+
+def test_static_sharing_is_an_alias_of_granularity():
+    """The paper's ``sharing: shared | disjoint`` names the static granularity."""
+    assert NSLConv2d(2, 1, 3, sharing="disjoint").granularity == "channel"
+    assert NSLConv2d(2, 1, 3, sharing="shared", granularity="shared").granularity == "shared"
+    with pytest.raises(ValueError, match="sharing='disjoint' means granularity='channel'"):
+        NSLConv2d(2, 1, 3, sharing="disjoint", granularity="shared")
+    spec = ConvSpec.from_dict({"kind": "static", "sharing": "disjoint"})
+    assert spec.granularity == "channel" and "sharing" not in spec.to_dict()
+    with pytest.raises(ValueError, match=r"ConvSpec.sharing='shared' means ConvSpec.granul"):
+        ConvSpec.from_dict({"kind": "static", "sharing": "shared", "granularity": "channel"})
     with pytest.raises(ValueError, match="normalize must be one of"):
         NSLConv2d(1, 1, 3, normalize="l2")
 
@@ -199,8 +218,9 @@ def test_dynamic_uses_predicted_m(similarity, granularity):
         layer.predictor.head.weight.mul_(1000.0)
     x = torch.randn(2, 3, 7, 7, dtype=DTYPE)
     M = layer.predict_similarity(x)
+    geometry = ConvGeometry((1, 1), (1, 1), (2, 2))
     expected = bilinear_conv2d_reference(
-        x, layer.weight, M, (1, 1), (1, 1), (2, 2), granularity, similarity == "diagonal"
+        x, layer.weight, M, geometry, granularity, similarity == "diagonal"
     ) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
     assert (layer(x) - F.conv2d(x, layer.weight, layer.bias, 1, 1, 2)).abs().max() > 1e-3
@@ -248,6 +268,12 @@ def test_conv_spec_defaults_and_validation():
     assert ConvSpec().kind == "plain"
     assert ConvSpec(kind="static").similarity == "full"
     assert ConvSpec(kind="dynamic").similarity == "diagonal"
+    # One default granularity per kind, shared with the layers' own defaults.
+    assert ConvSpec(kind="static").granularity == NSLConv2d(1, 1, 3).granularity == "shared"
+    assert ConvSpec(kind="dynamic").granularity == "sample"
+    assert DynamicNSLConv2d(1, 1, 3).granularity == "sample"
+    with pytest.raises(ValueError, match="ConvSpec.granularity must be one of"):
+        ConvSpec(kind="dynamic", granularity="channel")
     spec = ConvSpec.from_dict({"kind": "dynamic", "granularity": "sample", "hidden": 16})
     assert ConvSpec.from_dict(spec.to_dict()) == spec
     assert ConvSpec.from_dict(None) == ConvSpec()
@@ -351,5 +377,5 @@ def test_sample_predictor_pools_then_patch_normalises(similarity, size):
         expected = delta + 1.0
     else:
         expected = delta.view(4, 9, 9) + torch.eye(9, dtype=DTYPE)
-    M = predictor(x, (1, 1), (1, 1), (1, 1))
+    M = predictor(x, ConvGeometry((1, 1), (1, 1), (1, 1)))
     torch.testing.assert_close(M, expected, rtol=1e-10, atol=1e-10)

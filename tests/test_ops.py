@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import fewshot_nsl.ops.bilinear as bilinear_module
+import fewshot_nsl.ops.torch_paths as torch_paths
 from fewshot_nsl.ops import (
     BACKEND_ENV,
+    ConvGeometry,
     backend,
     bilinear_conv2d,
     bilinear_conv2d_reference,
@@ -77,7 +79,8 @@ def test_reference_matches_naive_loop(granularity, diagonal):
     stride, padding, dilation = (2, 1), (1, 0), (1, 1)
     out_hw = output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     M = random_m(granularity, diagonal, 2, 2, 6, out_hw, gen)
-    ref = bilinear_conv2d_reference(x, weight, M, stride, padding, dilation, granularity, diagonal)
+    geometry = ConvGeometry(stride, padding, dilation)
+    ref = bilinear_conv2d_reference(x, weight, M, geometry, granularity, diagonal)
     naive = naive_bilinear_conv2d(x, weight, M, stride, padding, dilation, granularity, diagonal)
     torch.testing.assert_close(ref, naive, rtol=1e-10, atol=1e-10)
 
@@ -107,11 +110,11 @@ def test_fast_paths_match_reference(granularity, diagonal, geometry, monkeypatch
     geom = canonical_geometry((kh, kw), stride, padding, dilation)
     out_hw = output_size(x.shape[2:], (kh, kw), *geom)
     M = random_m(granularity, diagonal, batch, channels, kh * kw, out_hw, gen)
-    expected = bilinear_conv2d_reference(x, weight, M, *geom, granularity, diagonal)
+    expected = bilinear_conv2d_reference(x, weight, M, geom, granularity, diagonal)
     expected = expected + bias.view(1, -1, 1, 1)
 
-    direct = bilinear_conv2d_torch(x, weight, M, *geom, granularity, diagonal)
-    torch.testing.assert_close(direct + bias.view(1, -1, 1, 1), expected, rtol=1e-10, atol=1e-10)
+    direct = bilinear_conv2d_torch(x, weight, M, bias, geom, granularity, diagonal)
+    torch.testing.assert_close(direct, expected, rtol=1e-10, atol=1e-10)
     monkeypatch.setenv(BACKEND_ENV, "torch")
     dispatched = bilinear_conv2d(
         x, weight, M, bias, stride, padding, dilation, granularity=granularity, diagonal=diagonal
@@ -158,8 +161,8 @@ def test_gradgradcheck_torch_path(granularity, diagonal, monkeypatch):
 
 
 SAMPLE_PATHS = {
-    "unfold": bilinear_module._sample_unfold_torch,
-    "grouped": bilinear_module._sample_grouped_torch,
+    "unfold": torch_paths._sample_unfold_torch,
+    "grouped": torch_paths._sample_grouped_torch,
 }
 
 
@@ -175,20 +178,20 @@ def test_every_sample_path_matches_reference(path, diagonal, geometry):
     weight = torch.randn(out_ch, channels, kh, kw, dtype=DTYPE, generator=gen)
     geom = canonical_geometry((kh, kw), stride, padding, dilation)
     M = random_m("sample", diagonal, batch, channels, kh * kw, (1, 1), gen)
-    expected = bilinear_conv2d_reference(x, weight, M, *geom, "sample", diagonal)
-    out = SAMPLE_PATHS[path](x, weight, M, *geom, diagonal)
+    expected = bilinear_conv2d_reference(x, weight, M, geom, "sample", diagonal)
+    out = SAMPLE_PATHS[path](x, weight, M, geom, diagonal)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_sample_chooser_takes_unfold_on_small_maps(diagonal, monkeypatch):
     """Output maps with no more locations than filters go to the unfold path (and stay exact)."""
-    assert bilinear_module._sample_prefers_unfold(32, (4, 4))
-    assert not bilinear_module._sample_prefers_unfold(32, (8, 8))
+    assert torch_paths._sample_prefers_unfold(32, (4, 4))
+    assert not torch_paths._sample_prefers_unfold(32, (8, 8))
     calls = []
-    real = bilinear_module._sample_unfold_torch
+    real = torch_paths._sample_unfold_torch
     monkeypatch.setattr(
-        bilinear_module,
+        torch_paths,
         "_sample_unfold_torch",
         lambda *args: calls.append(args[1].shape) or real(*args),
     )
@@ -200,7 +203,8 @@ def test_sample_chooser_takes_unfold_on_small_maps(diagonal, monkeypatch):
     M = random_m("sample", diagonal, 3, 4, 9, (4, 4), gen)
     out = bilinear_conv2d(x, weight, M, bias, 1, 1, granularity="sample", diagonal=diagonal)
     assert calls == [weight.shape]
-    expected = bilinear_conv2d_reference(x, weight, M, (1, 1), (1, 1), (1, 1), "sample", diagonal)
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1))
+    expected = bilinear_conv2d_reference(x, weight, M, geometry, "sample", diagonal)
     torch.testing.assert_close(out, expected + bias.view(1, -1, 1, 1), rtol=1e-10, atol=1e-10)
 
 
@@ -213,7 +217,7 @@ def test_sample_paths_gradcheck_and_gradgradcheck(path, diagonal):
     M = random_m("sample", diagonal, 2, 2, 4, (2, 2), gen).requires_grad_()
 
     def op(x, weight, M):
-        return SAMPLE_PATHS[path](x, weight, M, (1, 1), (0, 0), (1, 1), diagonal)
+        return SAMPLE_PATHS[path](x, weight, M, ConvGeometry((1, 1), (0, 0), (1, 1)), diagonal)
 
     assert torch.autograd.gradcheck(op, (x, weight, M))
     assert torch.autograd.gradgradcheck(op, (x, weight, M))
@@ -318,7 +322,8 @@ def test_forced_cuda_without_gpu_falls_back_once(monkeypatch):
         weight = torch.randn(2, 3, 3, 3, dtype=DTYPE)
         M = torch.randn(2, 9, dtype=DTYPE)
         out = bilinear_conv2d(x, weight, M, granularity="sample", diagonal=True)
-    expected = bilinear_conv2d_reference(x, weight, M, (1, 1), (0, 0), (1, 1), "sample", True)
+    geometry = ConvGeometry((1, 1), (0, 0), (1, 1))
+    expected = bilinear_conv2d_reference(x, weight, M, geometry, "sample", True)
     torch.testing.assert_close(out, expected)
 
 
@@ -326,20 +331,13 @@ def test_dispatcher_uses_cuda_module_when_usable(monkeypatch):
     """With a usable extension, auto sends per-sample/location CUDA inputs to it (mocked)."""
     calls = []
 
-    class FakeCuda:
-        @staticmethod
-        def cuda_available():
-            return True
-
-        @staticmethod
-        def bilinear_conv2d_cuda(x, weight, M, stride, padding, dilation, granularity, diagonal):
-            calls.append((stride, padding, dilation, granularity, diagonal))
-            return bilinear_conv2d_reference(
-                x, weight, M, stride, padding, dilation, granularity, diagonal
-            )
+    def fake_custom_op(x, weight, M, geometry, granularity, diagonal):
+        calls.append((*geometry, granularity, diagonal))
+        return bilinear_conv2d_reference(x, weight, M, geometry, granularity, diagonal)
 
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    monkeypatch.setattr(bilinear_module, "_cuda_module", lambda: FakeCuda)
+    monkeypatch.setattr(bilinear_module, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(bilinear_module, "bilinear_conv2d_custom_op", fake_custom_op)
     assert backend("cuda") == "cuda"
     assert backend("cpu") == "torch"
     monkeypatch.setattr(bilinear_module, "backend", lambda device: "cuda")
@@ -349,7 +347,8 @@ def test_dispatcher_uses_cuda_module_when_usable(monkeypatch):
     M = torch.randn(2, 9, 9, dtype=DTYPE)
     out = bilinear_conv2d(x, weight, M, bias, 2, "valid", granularity="sample")
     assert calls == [((2, 2), (0, 0), (1, 1), "sample", False)]
-    expected = bilinear_conv2d_reference(x, weight, M, (2, 2), (0, 0), (1, 1), "sample", False)
+    geometry = ConvGeometry((2, 2), (0, 0), (1, 1))
+    expected = bilinear_conv2d_reference(x, weight, M, geometry, "sample", False)
     torch.testing.assert_close(out, expected + bias.view(1, -1, 1, 1))
 
 
@@ -358,3 +357,35 @@ def test_output_size_matches_conv2d():
     for kernel, stride, padding, dilation in [((3, 3), 2, 1, 1), ((5, 3), (1, 2), (2, 0), (1, 3))]:
         expected = F.conv2d(x, torch.randn(1, 1, *kernel), None, stride, padding, dilation)
         assert output_size((11, 9), kernel, stride, padding, dilation) == tuple(expected.shape[2:])
+
+
+@pytest.mark.parametrize("tile_rows", [1, 3, 100])
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
+def test_location_tiled_matches_reference(tile_rows, diagonal, geometry):
+    """The row-band candidate path of issue 14 is exact on every geometry and band size."""
+    channels, out_ch, kernel, stride, padding, dilation, batch = geometry
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(batch, channels, 9, 8, dtype=DTYPE, generator=gen)
+    weight = torch.randn(out_ch, channels, kh, kw, dtype=DTYPE, generator=gen)
+    geom = canonical_geometry((kh, kw), stride, padding, dilation)
+    out_hw = output_size(x.shape[2:], (kh, kw), *geom)
+    M = random_m("location", diagonal, batch, channels, kh * kw, out_hw, gen)
+    expected = bilinear_conv2d_reference(x, weight, M, geom, "location", diagonal)
+    out = torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, tile_rows)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_location_tiled_gradcheck(diagonal):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 2, 4, 3, dtype=DTYPE, generator=gen, requires_grad=True)
+    weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
+    geom = ConvGeometry((1, 1), (1, 0), (1, 1))
+    M = random_m("location", diagonal, 2, 2, 4, (5, 2), gen).requires_grad_()
+
+    def op(x, weight, M):
+        return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
+
+    assert torch.autograd.gradcheck(op, (x, weight, M))

@@ -43,8 +43,10 @@ VARIANTS = {
     "plain": {"kind": "plain"},
     "static_shared": {"kind": "static", "similarity": "full", "sharing": "shared"},
     "static_disjoint": {"kind": "static", "similarity": "full", "sharing": "disjoint"},
-    "dynamic_diagonal": {"kind": "dynamic", "similarity": "diagonal", "hidden": 8},
-    "dynamic_full": {"kind": "dynamic", "similarity": "full", "hidden": 8},
+    "dynamic_diagonal": {"kind": "dynamic", "similarity": "diagonal", "granularity": "location",
+                         "hidden": 8},
+    "dynamic_full": {"kind": "dynamic", "similarity": "full", "granularity": "location",
+                     "hidden": 8},
 }
 
 
@@ -229,7 +231,12 @@ def test_shipped_configs_load(path):
         train = config["train"]
         assert (train["iterations"], train["batch_size"], train["lr"]) == (42500, 128, 0.1)
         assert train["lr_milestones"] == [20000, 30000, 37500]
-        assert (train["weight_decay"], train["similarity_penalty"]) == (5e-4, 5e-3)
+        assert train["weight_decay"] == 5e-4
+        # The authors' l2_regularizer(5e-3) = 2.5e-3 * ||M||^2, on a static full M only.
+        conv = config["model"]["conv"]
+        full_static = conv["kind"] == "static" and conv["similarity"] == "full"
+        assert train["similarity_penalty"] == (2.5e-3 if full_static else 0.0)
+        assert train["penalty_target"] == "zero"
         assert (train["momentum"], train["label_smoothing"]) == (0.9, 0.01)
 
 

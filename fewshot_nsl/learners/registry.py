@@ -20,7 +20,6 @@ _REQUIRED_CONV: dict[str, dict[str, Any]] = {
     "static_nsn": {"kind": "static"},
     "dynamic_nsn": {"kind": "dynamic"},
 }
-_DEFAULT_CONV: dict[str, dict[str, Any]] = {"dynamic_nsn": {"granularity": "sample"}}
 
 
 def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:
@@ -108,8 +107,6 @@ def build_learner(
         if conv.setdefault(key, value) != value:
             raise ValueError(f"learner {name!r} needs model.conv.{key}={value!r}, got "
                              f"{conv[key]!r}")
-    for key, value in _DEFAULT_CONV.get(name, {}).items():
-        conv.setdefault(key, value)
 
     backbone = build_backbone(
         backbone_name, in_channels=in_channels, conv=conv, **backbone_options

@@ -14,17 +14,34 @@ from typing import Any
 from torch import nn
 
 from fewshot_nsl.nn.dynamic import (
+    DEFAULT_DYNAMIC_GRANULARITY,
+    DEFAULT_PREDICTOR_STYLE,
     DYNAMIC_GRANULARITIES,
     DYNAMIC_SIMILARITIES,
+    PREDICTOR_STYLES,
     DynamicNSLConv2d,
     SimilarityPredictor,
 )
-from fewshot_nsl.nn.static import NORMALIZATIONS, SHARINGS, SIMILARITIES, NSLConv2d
-from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
+from fewshot_nsl.nn.static import (
+    NORMALIZATIONS,
+    SIMILARITIES,
+    STATIC_GRANULARITIES,
+    NSLConv2d,
+    resolve_sharing_alias,
+)
+from fewshot_nsl.ops import GRANULARITIES, IntPair, Padding, to_pair
 
 KINDS = ("plain", "static", "dynamic")
 PREDICTORS = ("per_layer", "shared")
 _DEFAULT_SIMILARITY = {"static": "full", "dynamic": "diagonal"}
+#: The one default granularity per kind. Dynamic: "sample" (one M per image), the form the
+#: few-shot learners use; the authors' per-location form is ``granularity: location``.
+DEFAULT_GRANULARITY = {"static": "shared", "dynamic": DEFAULT_DYNAMIC_GRANULARITY}
+_KIND_GRANULARITIES = {
+    "plain": GRANULARITIES,
+    "static": STATIC_GRANULARITIES,
+    "dynamic": DYNAMIC_GRANULARITIES,
+}
 
 
 def _require(name: str, value: object, allowed: tuple) -> None:
@@ -41,26 +58,32 @@ class ConvSpec:
             ``"dynamic"`` (:class:`DynamicNSLConv2d`).
         similarity: static ``"full" | "diagonal" | "identity"``, dynamic ``"full" |
             "diagonal"``; ``None`` -> ``"full"`` (static) / ``"diagonal"`` (dynamic).
-        sharing: static only: ``"shared"`` | ``"disjoint"`` M blocks over input channels.
+        granularity: which elements share one ``M`` block. Static: ``"shared"`` (default) |
+            ``"channel"`` (one block per input channel, the paper's "disjoint"); dynamic:
+            ``"sample"`` (default; one ``M`` per image) | ``"location"`` (per image and output
+            location, the authors' form). :meth:`from_dict` also accepts the paper's
+            ``sharing: shared | disjoint`` as an alias of the static granularity.
         normalize: static only: ``None`` | ``"sphere"``.
-        granularity: dynamic only: ``"location"`` | ``"sample"``.
         hidden: dynamic only: predictor width (also the shared predictor's input width).
         predictor: dynamic only: ``"per_layer"`` (own predictor per layer) or ``"shared"``
             (one predictor per kernel size for the whole network, per-layer 1x1 adapters).
         predictor_batch_norm: dynamic only: BatchNorm in the predictor (``None``: diagonal
             only, as the authors do; ``False`` keeps the predictor buffer-free).
+        predictor_style: dynamic only: ``"toolkit"`` | ``"authors"`` (the NSL authors'
+            predictor: patch norm dividing the first conv's output, no biases, BatchNorm
+            after both convolutions; see :class:`~fewshot_nsl.nn.SimilarityPredictor`).
 
     Fields that do not apply to ``kind`` are validated but ignored.
     """
 
     kind: str = "plain"
     similarity: str | None = None
-    sharing: str = "shared"
+    granularity: str | None = None
     normalize: str | None = None
-    granularity: str = "location"
     hidden: int = 64
     predictor: str = "per_layer"
     predictor_batch_norm: bool | None = None
+    predictor_style: str = DEFAULT_PREDICTOR_STYLE
 
     def __post_init__(self) -> None:
         _require("kind", self.kind, KINDS)
@@ -69,10 +92,13 @@ class ConvSpec:
         if self.similarity is not None:
             allowed = DYNAMIC_SIMILARITIES if self.kind == "dynamic" else SIMILARITIES
             _require("similarity", self.similarity, allowed)
-        _require("sharing", self.sharing, SHARINGS)
+        if self.granularity is None and self.kind in DEFAULT_GRANULARITY:
+            object.__setattr__(self, "granularity", DEFAULT_GRANULARITY[self.kind])
+        if self.granularity is not None:
+            _require("granularity", self.granularity, _KIND_GRANULARITIES[self.kind])
         _require("normalize", self.normalize, NORMALIZATIONS)
-        _require("granularity", self.granularity, DYNAMIC_GRANULARITIES)
         _require("predictor", self.predictor, PREDICTORS)
+        _require("predictor_style", self.predictor_style, PREDICTOR_STYLES)
         if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
             raise ValueError(f"ConvSpec.hidden must be a positive int, got {self.hidden!r}")
         if self.predictor_batch_norm not in (None, True, False):
@@ -83,16 +109,29 @@ class ConvSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> ConvSpec:
-        """Build from a config mapping; unknown keys raise ``ValueError`` naming them."""
+        """Build from a config mapping; unknown keys raise ``ValueError`` naming them.
+
+        ``sharing`` (``"shared"`` | ``"disjoint"``) is accepted as an alias of the static
+        ``granularity`` (``"shared"`` | ``"channel"``); both at once must agree.
+        """
         if d is None:
             return cls()
         if not isinstance(d, Mapping):
             raise ValueError(f"conv spec must be a mapping, got {type(d).__name__}")
         allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
+        fields = dict(d)
+        sharing = fields.pop("sharing", None)
+        unknown = sorted(set(fields) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown ConvSpec field(s) {unknown}; allowed fields: {allowed}")
-        return cls(**dict(d))
+            raise ValueError(
+                f"unknown ConvSpec field(s) {unknown}; allowed fields: {allowed} "
+                "(and 'sharing', an alias of the static granularity)"
+            )
+        if sharing is not None:
+            fields["granularity"] = resolve_sharing_alias(
+                fields.get("granularity"), sharing, DEFAULT_GRANULARITY["static"], "ConvSpec."
+            )
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain dict (round-trips through :meth:`from_dict`)."""
@@ -127,6 +166,7 @@ class ConvFactory:
                 spec.granularity,
                 spec.hidden,
                 spec.predictor_batch_norm,
+                spec.predictor_style,
             )
         return self._shared[kernel_size]
 
@@ -155,12 +195,12 @@ class ConvFactory:
                 dilation,
                 bias,
                 similarity=spec.similarity,
-                sharing=spec.sharing,
+                granularity=spec.granularity,
                 normalize=spec.normalize,
             )
         shared = None
         if spec.predictor == "shared":
-            shared = self._shared_predictor(_pair(kernel_size, "kernel_size", 1))
+            shared = self._shared_predictor(to_pair(kernel_size, "kernel_size", 1))
         return DynamicNSLConv2d(
             in_channels,
             out_channels,
@@ -174,6 +214,7 @@ class ConvFactory:
             hidden=spec.hidden,
             predictor=shared,
             predictor_batch_norm=spec.predictor_batch_norm,
+            predictor_style=spec.predictor_style,
         )
 
     def __repr__(self) -> str:

@@ -9,17 +9,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_nsl.nn.functional import PATCH_NORM_EPS, patch_norm
-from fewshot_nsl.ops import bilinear_conv2d, canonical_geometry, effective_weight
-from fewshot_nsl.ops.bilinear import IntPair, Padding, _pair
+from fewshot_nsl.ops import (
+    IntPair,
+    Padding,
+    bilinear_conv2d,
+    canonical_geometry,
+    effective_weight,
+    to_pair,
+)
 
 SIMILARITIES = ("full", "diagonal", "identity")
-SHARINGS = ("shared", "disjoint")
+#: Static M: one block for every input channel ("shared") or one per input channel ("channel").
+STATIC_GRANULARITIES = ("shared", "channel")
+#: The paper's word for the static granularity, accepted as an alias: ``sharing`` -> granularity.
+SHARING_ALIASES = {"shared": "shared", "disjoint": "channel"}
 NORMALIZATIONS = (None, "sphere")
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def resolve_sharing_alias(
+    granularity: str | None, sharing: str | None, default: str, owner: str = ""
+) -> str:
+    """The static granularity from ``granularity`` and its alias ``sharing``.
+
+    ``sharing`` is the paper's vocabulary (``"shared"`` | ``"disjoint"``, i.e. granularity
+    ``"shared"`` | ``"channel"``). Giving both is allowed only when they agree; neither gives
+    ``default``. ``owner`` prefixes the field names in error messages (e.g. ``"ConvSpec."``).
+    """
+    if sharing is None:
+        return default if granularity is None else granularity
+    if sharing not in SHARING_ALIASES:
+        raise ValueError(
+            f"{owner}sharing must be one of {tuple(SHARING_ALIASES)} (an alias of "
+            f"{owner}granularity 'shared' | 'channel'), got {sharing!r}"
+        )
+    aliased = SHARING_ALIASES[sharing]
+    if granularity is not None and granularity != aliased:
+        raise ValueError(
+            f"{owner}sharing={sharing!r} means {owner}granularity={aliased!r}, but "
+            f"{owner}granularity={granularity!r} was also given; give only granularity"
+        )
+    return aliased
 
 
 def reset_conv_parameters(weight: Tensor, bias: Tensor | None) -> None:
@@ -45,7 +79,7 @@ def _init_conv_layer(
     ``weight`` ``(O, C, kh, kw)`` and ``bias`` ``(O,)`` or ``None``, uninitialised."""
     layer.in_channels = in_channels
     layer.out_channels = out_channels
-    layer.kernel_size = _pair(kernel_size, "kernel_size", 1)
+    layer.kernel_size = to_pair(kernel_size, "kernel_size", 1)
     layer.stride, layer.padding, layer.dilation = canonical_geometry(
         layer.kernel_size, stride, padding, dilation
     )
@@ -71,15 +105,17 @@ class NSLConv2d(nn.Module):
             ``nn.Conv2d`` (no groups; ``padding`` also ``"same"``/``"valid"``).
         similarity: ``"full"`` (an ``HV x HV`` block), ``"diagonal"`` (``HV`` tap weights:
             learns the kernel shape) or ``"identity"`` (``M`` is ``None``: a plain conv).
-        sharing: ``"shared"`` (one block for every input channel) or ``"disjoint"`` (one block
-            per input channel).
+        granularity: ``"shared"`` (one block for every input channel) or ``"channel"`` (one
+            block per input channel, the paper's "disjoint" M).
+        sharing: alias of ``granularity`` in the paper's words (``"shared"`` | ``"disjoint"``);
+            giving both is an error unless they agree.
         normalize: ``None`` or ``"sphere"``: SphereNet-style, the response is divided by the
             per-filter norm of the effective kernel and the per-patch input norm, both as
             ``sqrt(sum of squares + 1e-4)`` (the eps keeps an all-zero patch/filter finite).
 
     Parameters: ``weight`` ``(O, C, kh, kw)``, ``bias`` ``(O,)`` or ``None``, and ``M``
-    (``None`` for identity), shaped ``(HV, HV)``/``(HV,)`` when shared and
-    ``(C, HV, HV)``/``(C, HV)`` when disjoint. ``M`` starts at the identity, so a fresh layer
+    (``None`` for identity), shaped ``(HV, HV)``/``(HV,)`` for "shared" and
+    ``(C, HV, HV)``/``(C, HV)`` for "channel". ``M`` starts at the identity, so a fresh layer
     equals ``nn.Conv2d`` with the same weights. Learners select parameters by these names
     (e.g. ``"*.M"``), so they are part of the API.
 
@@ -96,26 +132,28 @@ class NSLConv2d(nn.Module):
         dilation: IntPair = 1,
         bias: bool = True,
         similarity: str = "full",
-        sharing: str = "shared",
+        granularity: str | None = None,
         normalize: str | None = None,
+        *,
+        sharing: str | None = None,
     ) -> None:
         super().__init__()
+        granularity = resolve_sharing_alias(granularity, sharing, "shared")
         _check_choice("similarity", similarity, SIMILARITIES)
-        _check_choice("sharing", sharing, SHARINGS)
+        _check_choice("granularity", granularity, STATIC_GRANULARITIES)
         _check_choice("normalize", normalize, NORMALIZATIONS)
         _init_conv_layer(
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias
         )
         self.similarity = similarity
-        self.sharing = sharing
         self.normalize = normalize
-        self.granularity = "shared" if sharing == "shared" else "channel"
+        self.granularity = granularity
         self.diagonal = similarity == "diagonal"
         taps = self.kernel_size[0] * self.kernel_size[1]
         if similarity == "identity":
             self.register_parameter("M", None)
         else:
-            lead = () if sharing == "shared" else (in_channels,)
+            lead = () if granularity == "shared" else (in_channels,)
             block = (taps,) if self.diagonal else (taps, taps)
             self.M = nn.Parameter(torch.empty(*lead, *block))
         self.reset_parameters()
@@ -187,8 +225,10 @@ class NSLConv2d(nn.Module):
 
         The default penalises the distance from a plain convolution, so the penalty is zero at
         initialisation and pulls towards the CNN rather than towards ``M = 0`` (which would
-        zero the layer). The authors' CIFAR code penalises ``M`` itself (weight 5e-3): pass
-        ``relative_to_identity=False`` to reproduce that. ``0`` for ``similarity="identity"``.
+        zero the layer). The authors' CIFAR code penalises the static *full* ``M`` itself with
+        ``l2_regularizer(5e-3)``, i.e. ``2.5e-3 * sum(M^2)`` (a static diagonal ``M`` gets no
+        penalty there): ``relative_to_identity=False`` with weight 2.5e-3 reproduces it.
+        ``0`` for ``similarity="identity"``.
         """
         if self.M is None:
             return self.weight.new_zeros(())
@@ -199,7 +239,7 @@ class NSLConv2d(nn.Module):
         text = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"similarity={self.similarity!r}, sharing={self.sharing!r}"
+            f"similarity={self.similarity!r}, granularity={self.granularity!r}"
         )
         if self.normalize is not None:
             text += f", normalize={self.normalize!r}"

@@ -19,8 +19,15 @@ import torch
 
 from episodes.cifar import CIFAR_DATASETS, read_cifar_split
 from episodes.split import channel_mean_std, content_fingerprint
+from episodes.transforms import RandomCrop, RandomHorizontalFlip, Transform
 
 DATASETS = ("synthetic", "cifar10", "cifar100")
+#: How the crop augmentation pads: with zeros, or TensorFlow's "SYMMETRIC" mirror (the edge
+#: pixel included), as the NSL authors' CIFAR input pipeline does.
+CROP_PADDINGS = ("zeros", "symmetric")
+#: What the network sees: images standardised by the train set's per-channel mean/std, or raw
+#: pixel values 0..255 as the NSL authors feed them (``tf.cast(uint8, float32)``).
+INPUT_SCALES = ("standardized", "raw_pixels")
 
 @dataclass(frozen=True)
 class ClassificationData:
@@ -207,3 +214,75 @@ class TrainBatches:
             self._epoch = epoch
         rows = self._order[position * self.batch_size : (position + 1) * self.batch_size]
         return self.images[rows], self.labels[rows]
+
+
+# --------------------------------------------------------------------------- augmentation
+def symmetric_pad(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Pad ``(N, C, H, W)`` by ``padding`` on each side with the mirror image *including* the
+    edge pixel (TensorFlow's ``tf.pad(..., "SYMMETRIC")``; PyTorch's ``"reflect"`` excludes
+    the edge). ``padding`` must not exceed the image size."""
+    height, width = images.shape[2:]
+    if padding < 0 or padding > min(height, width):
+        raise ValueError(
+            f"symmetric padding must lie in 0..{min(height, width)} for {height}x{width} "
+            f"images, got {padding}"
+        )
+    if padding == 0:
+        return images
+    rows = torch.cat(
+        [images[:, :, :padding].flip(2), images, images[:, :, height - padding :].flip(2)], dim=2
+    )
+    return torch.cat(
+        [rows[:, :, :, :padding].flip(3), rows, rows[:, :, :, width - padding :].flip(3)], dim=3
+    )
+
+
+class SymmetricPad(Transform):
+    """:func:`symmetric_pad` as a transform (deterministic: ignores the generator)."""
+
+    def __init__(self, padding: int) -> None:
+        if padding < 0:
+            raise ValueError(f"SymmetricPad: padding must be >= 0, got {padding}")
+        self.padding = padding
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        return symmetric_pad(images, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}"
+
+
+def crop_flip_augmentation(
+    image_shape: tuple[int, int, int], padding: int = 4, padding_mode: str = "zeros"
+) -> list[Transform]:
+    """Pad-``padding`` random crop back to the image size, then a random horizontal flip.
+
+    ``padding_mode`` (:data:`CROP_PADDINGS`): ``"zeros"`` or ``"symmetric"`` (the authors').
+    Both draw the same random numbers, so only the border content differs between them.
+    """
+    if padding_mode not in CROP_PADDINGS:
+        raise ValueError(f"crop padding must be one of {CROP_PADDINGS}, got {padding_mode!r}")
+    _, height, width = image_shape
+    if padding_mode == "zeros":
+        crop = [RandomCrop((height, width), padding=padding)]
+    else:
+        crop = [SymmetricPad(padding), RandomCrop((height, width), padding=0)]
+    return [*crop, RandomHorizontalFlip()]
+
+
+def input_statistics(
+    data: ClassificationData, input_scale: str = "standardized"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` for a ``Normalize`` applied to images in [0, 1].
+
+    ``"standardized"``: the train set's per-channel statistics; ``"raw_pixels"``: mean 0,
+    std 1/255, so the network sees the raw 0..255 pixel values (:data:`INPUT_SCALES`).
+    """
+    if input_scale not in INPUT_SCALES:
+        raise ValueError(f"input scale must be one of {INPUT_SCALES}, got {input_scale!r}")
+    if input_scale == "standardized":
+        return data.mean, data.std
+    channels = data.image_shape[0]
+    return (0.0,) * channels, (1.0 / 255.0,) * channels

@@ -95,7 +95,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     """SGD groups: weight decay on every parameter except the similarity matrices ``M``.
 
     ``M`` is regularised by :func:`fewshot_nsl.nn.similarity_penalty` instead (method doc §1:
-    5e-4 weight decay on W, an L2 penalty of weight 5e-3 on M).
+    the authors put 5e-4 weight decay on W and ``l2_regularizer(5e-3)``, i.e.
+    ``2.5e-3 * sum(M^2)``, on the static full M).
     """
     decayed, similarity = [], []
     for name, parameter in model.named_parameters():
