@@ -1,14 +1,20 @@
-"""MAML and its NSN configurations: one functional inner loop over an unmodified module.
+"""MAML and its NSN presets: one functional inner loop over an unmodified module.
 
 * :class:`MAML` — Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of
   Deep Networks", ICML 2017; options for Meta-SGD (Li et al. 2017, learned per-parameter inner
   learning rates) and ANIL (Raghu et al. 2020, adapt the head only) as a choice of parameters.
-* :class:`StaticNSN` — meta-learned static neural similarity (Liu et al., "Neural Similarity
-  Learning", NeurIPS 2019): MAML on a backbone of static NSL convolutions, M meta-learned in
-  the outer loop while the kernels adapt in the inner loop.
-* :class:`DynamicNSN` — the same paper's dynamic NSN: MAML on a backbone of dynamic NSL
-  convolutions whose similarity predictor (hypernetwork) is meta-learned in the outer loop.
+* preset ``static_nsn`` — meta-learned static neural similarity (Liu et al., "Neural
+  Similarity Learning", NeurIPS 2019): MAML on a backbone of static NSL convolutions
+  (``conv.kind="static"``); the similarity matrices ``M`` are outer-loop parameters —
+  meta-learned like MAML's initialisation but not changed by the inner loop (the default
+  ``frozen=["*.M", ...]``) — while the kernels adapt; ``similarity_penalty`` 5e-3 on ‖M − I‖².
+  Letting M adapt too is ``frozen=[]``; adapting only M is ``adapt=["*.M"]``.
+* preset ``dynamic_nsn`` — the same paper's dynamic NSN: MAML on a backbone of dynamic NSL
+  convolutions (``conv.kind="dynamic"``) whose similarity predictor (hypernetwork, submodule
+  ``predictor``) is meta-learned in the outer loop and frozen in the inner loop.
 
+The presets are registrations of :class:`MAML` with other defaults and a required conv kind
+(:func:`fewshot_nsl.learners.register_learner`), not subclasses: there is one inner loop.
 The inner loop calls the model with ``torch.func.functional_call`` on a dict of fast weights
 and differentiates with ``torch.autograd.grad``; the module itself is never copied or edited.
 """
@@ -27,8 +33,9 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from episodes import Episode
-from fewshot_nsl.learners.base import Learner
-from fewshot_nsl.learners.memory import SavedTensorMeter, StepMemory
+from fewshot_nsl.learners.base import Learner, check_common_options, similarity_penalty_term
+from fewshot_nsl.learners.registry import register_learner
+from fewshot_nsl.profiling import SavedTensorMeter, StepMemory
 
 BN_POLICIES = ("transductive", "running")
 
@@ -102,6 +109,18 @@ def select_parameters(
     return chosen
 
 
+@register_learner(
+    "dynamic_nsn",
+    conv={"kind": "dynamic"},
+    summary="MAML on dynamic NSL convolutions; the similarity predictor is outer-loop only",
+)
+@register_learner(
+    "static_nsn",
+    defaults={"similarity_penalty": 5e-3},
+    conv={"kind": "static"},
+    summary="MAML on static NSL convolutions; M is outer-loop only, penalty 5e-3·Σ‖M − I‖²",
+)
+@register_learner("maml", summary="MAML (+ Meta-SGD, ANIL by options) on any backbone")
 class MAML(Learner):
     """Model-Agnostic Meta-Learning (Finn et al., ICML 2017) on ``backbone`` + linear head.
 
@@ -128,7 +147,7 @@ class MAML(Learner):
         similarity_penalty: weight of ``fewshot_nsl.nn.similarity_penalty(model)`` (sum over
             NSL layers of ‖M − I‖²) added to :meth:`meta_loss`; 0 disables it.
         profile_memory: record :class:`StepMemory` after each inner step in
-            ``self.memory_profile`` (see :mod:`fewshot_nsl.learners.memory`).
+            ``self.memory_profile`` (see :mod:`fewshot_nsl.profiling`).
     """
 
     def __init__(
@@ -301,112 +320,4 @@ class MAML(Learner):
             f"adapt={list(self.adapt_patterns)}, frozen={list(self.frozen_patterns)}, "
             f"checkpoint_inner={self.checkpoint_inner}, "
             f"similarity_penalty={self.similarity_penalty}"
-        )
-
-
-def check_common_options(way: object, similarity_penalty: object) -> None:
-    """Validate the options every learner shares (``ValueError`` naming the bad one)."""
-    if not isinstance(way, int) or isinstance(way, bool) or way < 2:
-        raise ValueError(f"way must be an int >= 2, got {way!r}")
-    if not isinstance(similarity_penalty, (int, float)) or similarity_penalty < 0:
-        raise ValueError(
-            f"similarity_penalty must be a number >= 0, got {similarity_penalty!r}"
-        )
-
-
-def similarity_penalty_term(model: nn.Module, weight: float) -> torch.Tensor | float:
-    """``weight · fewshot_nsl.nn.similarity_penalty(model)``, or 0.0 when ``weight == 0``."""
-    if weight == 0:
-        return 0.0
-    from fewshot_nsl.nn import similarity_penalty
-
-    return weight * similarity_penalty(model)
-
-
-def _count_layers(model: nn.Module, layer_type: type) -> int:
-    return sum(isinstance(m, layer_type) for m in model.modules())
-
-
-class StaticNSN(MAML):
-    """Meta-learned static NSN (Liu et al., "Neural Similarity Learning", NeurIPS 2019).
-
-    MAML (same inner loop, same options) on a backbone built with ``conv.kind="static"``. The
-    similarity matrices ``M`` of the NSL layers are outer-loop parameters — meta-learned like
-    MAML's initialisation but, by default (``frozen=["*.M", ...]``), not changed by the inner
-    loop — while the kernels adapt. Letting M adapt too is ``frozen=[]``; adapting only M is
-    ``adapt=["*.M"]``. ``similarity_penalty`` defaults to the authors' 5e-3 (on ‖M − I‖²).
-    """
-
-    conv_kind = "static"
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        way: int,
-        *,
-        inner_steps: int = 5,
-        inner_steps_eval: int = 10,
-        inner_lr: float = 0.01,
-        first_order: bool = False,
-        meta_sgd: bool = False,
-        adapt: Sequence[str] = ("*",),
-        frozen: Sequence[str] = ("*.M", "*.predictor.*"),
-        bn: str = "transductive",
-        checkpoint_inner: bool = False,
-        similarity_penalty: float = 5e-3,
-        profile_memory: bool = False,
-    ) -> None:
-        from fewshot_nsl.nn import NSLConv2d
-
-        if _count_layers(backbone, NSLConv2d) == 0:
-            raise ValueError("StaticNSN needs a backbone with static NSL layers: build it with "
-                             "conv={'kind': 'static', ...}")
-        super().__init__(
-            backbone, way, inner_steps=inner_steps, inner_steps_eval=inner_steps_eval,
-            inner_lr=inner_lr, first_order=first_order, meta_sgd=meta_sgd, adapt=adapt,
-            frozen=frozen, bn=bn, checkpoint_inner=checkpoint_inner,
-            similarity_penalty=similarity_penalty, profile_memory=profile_memory,
-        )
-
-
-class DynamicNSN(MAML):
-    """Dynamic NSN (Liu et al., "Neural Similarity Learning", NeurIPS 2019) meta-learned by MAML.
-
-    MAML on a backbone built with ``conv.kind="dynamic"``: each NSL layer's similarity
-    predictor (a hypernetwork, submodule ``predictor``) predicts M from the layer's input —
-    one M per image by default (``conv.granularity="sample"``, set by :func:`build_learner`),
-    or one per output location (``"location"``). The predictor is meta-learned in the outer
-    loop and frozen in the inner loop (``frozen=["*.predictor.*", ...]``), where the kernels
-    adapt.
-    """
-
-    conv_kind = "dynamic"
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        way: int,
-        *,
-        inner_steps: int = 5,
-        inner_steps_eval: int = 10,
-        inner_lr: float = 0.01,
-        first_order: bool = False,
-        meta_sgd: bool = False,
-        adapt: Sequence[str] = ("*",),
-        frozen: Sequence[str] = ("*.M", "*.predictor.*"),
-        bn: str = "transductive",
-        checkpoint_inner: bool = False,
-        similarity_penalty: float = 0.0,
-        profile_memory: bool = False,
-    ) -> None:
-        from fewshot_nsl.nn import DynamicNSLConv2d
-
-        if _count_layers(backbone, DynamicNSLConv2d) == 0:
-            raise ValueError("DynamicNSN needs a backbone with dynamic NSL layers: build it with "
-                             "conv={'kind': 'dynamic', ...}")
-        super().__init__(
-            backbone, way, inner_steps=inner_steps, inner_steps_eval=inner_steps_eval,
-            inner_lr=inner_lr, first_order=first_order, meta_sgd=meta_sgd, adapt=adapt,
-            frozen=frozen, bn=bn, checkpoint_inner=checkpoint_inner,
-            similarity_penalty=similarity_penalty, profile_memory=profile_memory,
         )

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from episodes import Episode
-from fewshot_nsl.learners.base import Learner
-from fewshot_nsl.learners.maml import check_common_options, similarity_penalty_term
+from fewshot_nsl.learners.base import Learner, check_common_options, similarity_penalty_term
+from fewshot_nsl.learners.registry import register_learner
 
 
+@register_learner("protonet")
 class ProtoNet(Learner):
     """Prototypical Networks: logits are minus squared Euclidean distances to class means.
 
