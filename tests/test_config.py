@@ -85,7 +85,8 @@ def test_enumerations_list_the_allowed_values() -> None:
 
 def test_learner_options_are_checked_against_the_learner_and_filled_in() -> None:
     with pytest.raises(ConfigError, match=r"learner\.inner_steps: unknown option for learner "
-                                          r"'protonet'; allowed options: \['similarity_penalty'\]"):
+                                          r"'protonet'; allowed options: "
+                                          r"\['embed_together', 'similarity_penalty'\]"):
         resolve_config({"learner": {"name": "protonet", "inner_steps": 3}})
     with pytest.raises(ConfigError, match=r"learner\.inner_steps: got 2\.5"):
         resolve_config({"learner": {"name": "maml", "inner_steps": 2.5}})
@@ -119,7 +120,9 @@ def test_runs_merge_base_run_and_overrides() -> None:
     # Another learner name starts from that learner's defaults (no inherited options) ...
     assert runs["static"]["learner"]["inner_steps"] == 5
     assert runs["static"]["model"]["conv"] == {"kind": "static"}
-    assert runs["proto"]["learner"] == {"name": "protonet", "similarity_penalty": 0.0}
+    assert runs["proto"]["learner"] == {
+        "name": "protonet", "similarity_penalty": 0.0, "embed_together": False
+    }
     assert all(run["train"]["steps"] == 7 for run in runs.values())
     assert runs["static"]["name"] == "static"
     with pytest.raises(ConfigError, match=r"runs\.bad: .*train\.oops"):
