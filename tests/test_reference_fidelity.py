@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from fewshot_nsl.backbones import build_backbone
 from fewshot_nsl.backbones.conv4 import SamePad2d
+from fewshot_nsl.config import load_config
 from fewshot_nsl.learners import MAML, ProtoNet
 from tests.test_learners import Flatten, make_episode
 
@@ -195,3 +197,42 @@ def test_protonet_embed_together_is_one_batch() -> None:
     torch.testing.assert_close(loss, F.cross_entropy(logits, episode.query_y), rtol=1e-10, atol=0)
     separate, _ = ProtoNet(backbone, WAY).train().meta_loss(episode)
     assert abs(separate.item() - loss.item()) > 1e-6  # BatchNorm batches differ
+
+
+# -- every few-shot config says what it reproduces -----------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FEW_SHOT = sorted(
+    p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("cifar", "supervised_"))
+)
+
+
+@pytest.mark.parametrize("path", FEW_SHOT, ids=lambda p: p.stem)
+def test_every_few_shot_config_has_a_reference_block(path: Path) -> None:
+    reference = load_config(path)["reference"]
+    assert set(reference) == {"paper", "code", "reproduces", "published", "protocol", "deviations"}
+    assert isinstance(reference["deviations"], list)
+    assert "test_query_per_class" in reference["protocol"]
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("maml_*_reference.yaml")), ids=lambda p: p.stem
+)
+def test_maml_reproduction_configs_use_the_reference_settings(path: Path) -> None:
+    config = load_config(path)
+    learner, episodes = config["learner"], config["episodes"]
+    assert learner["inner_loss_reduction"] == learner["query_loss_reduction"] == "sum_over_shots"
+    assert learner["bn"] == "transductive_outer_beta" and learner["inner_steps_eval"] == 10
+    assert episodes["test_query"] == episodes["shot"] and episodes["test_episodes"] == 600
+    options = config["model"]["backbone_options"]
+    assert options["init"] == "xavier_uniform" and options["norm_eps"] == 1e-3
+    if "omniglot" in path.stem:
+        assert (options["downsample"], options["pool"], learner["head_init"]) == (
+            "stride", "avg", "normal"
+        )
+        assert (learner["inner_lr"], learner["inner_steps"], episodes["query"]) == (
+            0.4, 1, episodes["shot"]
+        )
+    else:
+        assert learner["head_init"] == "xavier_uniform" and episodes["query"] == 15
+    assert config["reference"]["protocol"]["test_query_per_class"] == episodes["shot"]
