@@ -352,6 +352,17 @@ class MAML(Learner):
         penalty = similarity_penalty_term(self.model, self.similarity_penalty)
         return loss + penalty, accuracy.detach()
 
+    def meta_loss_batch(
+        self, episodes: Sequence[Episode], vectorise: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean :meth:`meta_loss` and accuracy over a meta-batch of ``episodes``, the tasks
+        run together with ``torch.func.vmap`` (same values and gradients as the sequential
+        loop; falls back to it, with one warning, where vmap cannot apply; ``vectorise=False``
+        forces the sequential loop). See :mod:`fewshot_nsl.learners.vectorised`."""
+        from fewshot_nsl.learners.vectorised import meta_loss_batch
+
+        return meta_loss_batch(self, episodes, vectorise)
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _check_task(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> int:
