@@ -79,6 +79,7 @@ def _shot_list(value: list[Any]) -> list[int]:
 
 FEWSHOT_DEFAULTS: dict[str, Any] = {
     "name": Field(None, types=(str, None)),
+    "reference": Open(),
     "data": {
         "dataset": Field("synthetic", choices=_datasets),
         "root": Field(None, types=(str, None)),

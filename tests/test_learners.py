@@ -13,10 +13,9 @@ from episodes import Episode
 from fewshot_nsl.backbones import build_backbone
 from fewshot_nsl.learners import (
     MAML,
-    DynamicNSN,
     ProtoNet,
-    StaticNSN,
     build_learner,
+    learner_options,
     list_learners,
     select_parameters,
 )
@@ -210,7 +209,7 @@ def test_first_order_is_the_gradient_at_the_adapted_weights() -> None:
 
 def test_static_nsn_meta_learns_m_and_adapts_kernels() -> None:
     torch.manual_seed(0)
-    learner = StaticNSN(tiny_conv4("static"), WAY, inner_steps=2, inner_lr=0.1)
+    learner = MAML(tiny_conv4("static"), WAY, inner_steps=2, inner_lr=0.1)
     episode = image_episode()
     parameters = dict(learner.model.named_parameters())
     m_names = [n for n in parameters if n.endswith(".M")]
@@ -225,7 +224,7 @@ def test_static_nsn_meta_learns_m_and_adapts_kernels() -> None:
     for name in m_names:
         assert parameters[name].grad is not None and parameters[name].grad.abs().sum() > 0
 
-    adapting_m = StaticNSN(tiny_conv4("static"), WAY, frozen=[], inner_steps=1)
+    adapting_m = MAML(tiny_conv4("static"), WAY, frozen=[], inner_steps=1)
     state = adapting_m.adapt(episode.support_x, episode.support_y, WAY)
     m = dict(adapting_m.model.named_parameters())["backbone.blocks.0.conv.M"]
     assert not torch.equal(state.params["backbone.blocks.0.conv.M"], m)
@@ -234,7 +233,7 @@ def test_static_nsn_meta_learns_m_and_adapts_kernels() -> None:
 @pytest.mark.parametrize("granularity", ["sample", "location"])
 def test_dynamic_nsn_hypernetwork_is_meta_learned(granularity: str) -> None:
     torch.manual_seed(0)
-    learner = DynamicNSN(tiny_conv4("dynamic", granularity=granularity), WAY, inner_steps=1)
+    learner = MAML(tiny_conv4("dynamic", granularity=granularity), WAY, inner_steps=1)
     episode = image_episode()
     parameters = dict(learner.model.named_parameters())
     predictor = [n for n in parameters if ".predictor." in n]
@@ -383,7 +382,7 @@ def test_cuda_meta_step_and_peak_memory() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
-    learner = DynamicNSN(
+    learner = MAML(
         tiny_conv4("dynamic", granularity="sample"), WAY, inner_steps=2, profile_memory=True
     ).cuda()
     loss, _ = learner.meta_loss(image_episode().to("cuda"))
@@ -395,7 +394,7 @@ def test_cuda_meta_step_and_peak_memory() -> None:
 
 def test_similarity_penalty_adds_weighted_norm_of_m_minus_identity() -> None:
     torch.manual_seed(0)
-    learner = StaticNSN(tiny_conv4("static"), WAY, inner_steps=1, similarity_penalty=0.0)
+    learner = MAML(tiny_conv4("static"), WAY, inner_steps=1, similarity_penalty=0.0)
     episode = image_episode()
     with torch.no_grad():
         for name, parameter in learner.model.named_parameters():
@@ -446,10 +445,18 @@ def test_build_learner_names_options_and_defaults() -> None:
     )
     assert isinstance(maml, MAML) and maml.inner_steps == 2 and maml.bn == "running"
     dynamic = build_learner({"name": "dynamic_nsn"}, model, in_channels=3, way=5)
-    layer = dynamic.model.backbone.blocks[0].conv
-    assert layer.granularity == "sample"
+    assert type(dynamic) is MAML and dynamic.similarity_penalty == 0.0
+    assert type(dynamic.model.backbone.blocks[0].conv).__name__ == "DynamicNSLConv2d"
     static = build_learner({"name": "static_nsn"}, model, in_channels=3, way=5)
-    assert isinstance(static, StaticNSN) and static.similarity_penalty == 5e-3
+    assert type(static) is MAML and static.similarity_penalty == 5e-3
+    assert type(static.model.backbone.blocks[0].conv).__name__ == "NSLConv2d"
+    # presets: the class's options with the preset's defaults, which an option overrides
+    assert learner_options("static_nsn") == {**learner_options("maml"), "similarity_penalty": 5e-3}
+    assert learner_options("dynamic_nsn") == learner_options("maml")
+    overridden = build_learner(
+        {"name": "static_nsn", "similarity_penalty": 0.0}, model, in_channels=3, way=5
+    )
+    assert overridden.similarity_penalty == 0.0
     assert isinstance(build_learner({"name": "protonet"}, model, in_channels=3, way=5), ProtoNet)
 
 

@@ -1,20 +1,23 @@
-"""Few-shot learners sharing one protocol (:class:`Learner`): MAML (+ Meta-SGD, ANIL), static
-and dynamic NSN (MAML configurations), ProtoNet; :func:`build_learner` from config."""
+"""Few-shot learners sharing one protocol (:class:`Learner`): MAML (+ Meta-SGD, ANIL) and its
+static/dynamic NSN presets, ProtoNet; :func:`build_learner` from config.
+
+Importing this package registers every learner (each class registers itself at its
+definition with :func:`register_learner`).
+"""
 
 from fewshot_nsl.learners.base import Learner
 from fewshot_nsl.learners.maml import (
     BN_POLICIES,
     MAML,
     Classifier,
-    DynamicNSN,
     MAMLState,
-    StaticNSN,
     select_parameters,
 )
-from fewshot_nsl.learners.memory import SavedTensorMeter, StepMemory
 from fewshot_nsl.learners.protonet import ProtoNet
 from fewshot_nsl.learners.registry import (
+    LearnerEntry,
     build_learner,
+    learner_entry,
     learner_options,
     list_learners,
     register_learner,
@@ -24,14 +27,12 @@ __all__ = [
     "BN_POLICIES",
     "MAML",
     "Classifier",
-    "DynamicNSN",
     "Learner",
+    "LearnerEntry",
     "MAMLState",
     "ProtoNet",
-    "SavedTensorMeter",
-    "StaticNSN",
-    "StepMemory",
     "build_learner",
+    "learner_entry",
     "learner_options",
     "list_learners",
     "register_learner",

@@ -1,4 +1,5 @@
-"""The one protocol every few-shot learner implements; the runner never looks further."""
+"""The one protocol every few-shot learner implements (the runner never looks further), and the
+helpers every learner shares."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ class Learner(nn.Module, ABC):
         loss = nn.functional.cross_entropy(logits, episode.query_y)
         accuracy = (logits.argmax(dim=-1) == episode.query_y).float().mean()
         return loss, accuracy.detach()
+
+
+def check_common_options(way: object, similarity_penalty: object) -> None:
+    """Validate the options every learner shares (``ValueError`` naming the bad one)."""
+    if not isinstance(way, int) or isinstance(way, bool) or way < 2:
+        raise ValueError(f"way must be an int >= 2, got {way!r}")
+    if not isinstance(similarity_penalty, (int, float)) or similarity_penalty < 0:
+        raise ValueError(
+            f"similarity_penalty must be a number >= 0, got {similarity_penalty!r}"
+        )
+
+
+def similarity_penalty_term(model: nn.Module, weight: float) -> torch.Tensor | float:
+    """``weight · fewshot_nsl.nn.similarity_penalty(model)``, or 0.0 when ``weight == 0``."""
+    if weight == 0:
+        return 0.0
+    from fewshot_nsl.nn import similarity_penalty
+
+    return weight * similarity_penalty(model)
