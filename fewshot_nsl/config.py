@@ -172,6 +172,7 @@ def check_device(value: str) -> str:
 
 FEWSHOT_DEFAULTS: dict[str, Any] = {
     "name": Field(None, types=(str, None)),
+    "reference": Open(),
     "data": {
         "dataset": Field("synthetic", choices=_datasets),
         "root": Field(None, types=(str, None)),
