@@ -24,6 +24,7 @@ import torch
 
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, load_config
+from fewshot_nsl.lake_report import lake_run_report, report_from_results
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
 __all__ = ["main", "build_parser", "format_table", "result_rows"]
@@ -139,6 +140,9 @@ def command_train(args: argparse.Namespace) -> int:
     rows = [row for results in all_results for row in result_rows(results)]
     print()
     print(format_table(rows))
+    for (_, run), results in zip(iter_runs(config), all_results):  # the Lake runs: per run
+        for block in report_from_results(run, results):
+            print(f"\n{block}")
     print(f"\nwall time {wall_time:.0f} s; run directory {root}")
     if multi:
         summary = {"config": str(config_path), "wall_time_s": round(wall_time, 1), "rows": rows,
@@ -231,6 +235,10 @@ def command_eval(args: argparse.Namespace) -> int:
                          "way": result.way, "shot": shot,
                          "accuracy": summary.format(), "episodes": summary.n})  # fmt: skip
     print(format_table(rows))
+    for name, _, results in models:  # the Lake runs: error per run, mean ± CI over runs
+        accuracies = {shot: result.accuracies for shot, result in results.items()}
+        for block in lake_run_report(name, split, manifest, accuracies):
+            print(f"\n{block}")
     if args.compare:
         (name_a, _, res_a), (name_b, _, res_b) = models
         print(f"\npaired difference on the same episodes ({name_a} − {name_b}):")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from episodes import EpisodeSampler, load_cache, load_manifest, prepare_dataset, save_manifest
 from episodes.datasets.omniglot import LAKE_RUNS_MANIFEST
 from episodes.datasets.omniglot_runs import LakeRunsEpisodes, replays_lake_runs
+from fewshot_nsl.lake_report import lake_run_errors
 from fewshot_nsl.stats import run_errors
 from tests.test_episodes_omniglot import REAL_OMNIGLOT, real_omniglot, write_runs, write_small_sets
 
@@ -53,6 +55,11 @@ def test_only_the_runs_in_run_order_count_as_the_lake_runs(tmp_path: Path) -> No
     reordered = [runs.episode(i) for i in [1, 0, *range(2, 20)]]  # same episodes, runs 1, 2 swapped
     save_manifest(tmp_path / "swapped.json", reordered, 20, split=test)
     assert not replays_lake_runs(load_manifest(tmp_path / "swapped.json", test))
+    accuracies = np.linspace(0, 1, 20)
+    report = lake_run_errors(test, str(cache / LAKE_RUNS_MANIFEST), 1, accuracies)
+    assert report is not None and report.errors[0] == 1.0
+    assert lake_run_errors(test, str(tmp_path / "swapped.json"), 1, accuracies) is None
+    assert lake_run_errors(test, None, 1, accuracies) is None
     sampled = EpisodeSampler(test, way=20, shot=1, query=1, seed=0, num_episodes=20)
     assert not replays_lake_runs(sampled)
     train = load_cache(cache, "train")
@@ -92,3 +99,16 @@ def test_a_short_protonet_training_beats_the_pixel_baseline_on_the_20_runs(
     assert (test["way"], test["shot"], test["query"], test["episodes"]) == (20, 1, 1, 20)
     mean_error = run_errors(test["accuracies"]).summary.mean
     assert mean_error < PIXEL_BASELINE_ERROR - 0.15, mean_error
+    # train and eval report the error of every run and the mean over the runs.
+    checkpoint = str(tmp_path / "run/best.pt")
+    command = [sys.executable, "-m", "fewshot_nsl.cli", "eval", "--checkpoint", checkpoint]
+    command += ["--json", str(tmp_path / "eval.json")]
+    evaluated = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    for output in (done.stdout, evaluated.stdout):
+        assert "the 20 one-shot runs of Lake et al. (2015)" in output, output
+        assert f"01:{100 * (1 - test['accuracies'][0]):5.1f}" in output
+        printed = re.search(r"mean error over 20 runs: ([0-9.]+) ±", output)
+        assert printed is not None and float(printed.group(1)) == pytest.approx(
+            100 * mean_error, abs=0.01
+        )
