@@ -28,6 +28,7 @@ import torch
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, load_fewshot_config
+from fewshot_nsl.lake_report import lake_run_report, report_from_results
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
 __all__ = ["main", "build_parser", "format_table", "result_rows"]
@@ -147,6 +148,9 @@ def command_train(args: argparse.Namespace) -> int:
     rows = [row for results in all_results for row in result_rows(results)]
     print()
     print(format_table(rows))
+    for (_, run), results in zip(iter_runs(config), all_results):  # the Lake runs: per run
+        for block in report_from_results(run, results):
+            print(f"\n{block}")
     print(f"\nwall time {wall_time:.0f} s; run directory {root}")
     if multi:
         summary = {
@@ -261,6 +265,10 @@ def command_eval(args: argparse.Namespace) -> int:
                 }
             )
     print(format_table(rows))
+    for name, _, results in models:  # the Lake runs: error per run, mean ± CI over runs
+        accuracies = {shot: result.accuracies for shot, result in results.items()}
+        for block in lake_run_report(name, split, manifest, accuracies):
+            print(f"\n{block}")
     if args.compare:
         (name_a, _, res_a), (name_b, _, res_b) = models
         print(f"\npaired difference on the same episodes ({name_a} − {name_b}):")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Z95", "MeanCI", "mean_ci", "paired_difference"]
+__all__ = ["Z95", "MeanCI", "RunErrors", "mean_ci", "paired_difference", "run_errors"]
 
 #: Two-sided 95% quantile of the standard normal distribution.
 Z95 = 1.96
@@ -62,3 +62,39 @@ def paired_difference(
             f"paired_difference needs the same episodes for both: shapes {a.shape} and {b.shape}"
         )
     return mean_ci(a - b)
+
+
+@dataclass(frozen=True)
+class RunErrors:
+    """Error per one-shot run and the mean ± 95% CI over runs, as Lake et al. (Science 2015)
+    report their 20 within-alphabet runs: each run is one episode, its error ``1 − accuracy``.
+
+    ``errors``: shape ``(runs,)``, in run order (run 1 first), fractions in [0, 1].
+    """
+
+    errors: tuple[float, ...]
+    summary: MeanCI
+
+    def format(self, per_line: int = 10) -> str:
+        """``error per run (%)`` lines (``run:error`` pairs) and ``mean error over N runs``."""
+        pairs = [f"{run:02d}:{100 * error:5.1f}" for run, error in enumerate(self.errors, 1)]
+        lines = ["error per run (%):"]
+        lines += ["  " + "  ".join(pairs[i : i + per_line]) for i in range(0, len(pairs), per_line)]
+        lines.append(
+            f"mean error over {self.summary.n} runs: {self.summary.format()} % (95% CI over runs)"
+        )
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"errors": [round(e, 6) for e in self.errors], **self.summary.as_dict()}
+
+
+def run_errors(accuracies: Sequence[float] | np.ndarray) -> RunErrors:
+    """Per-run errors ``1 − accuracy`` of one-shot runs scored one episode each (``(runs,)``
+    accuracies in run order) and their mean ± 95% CI over runs (:func:`mean_ci`)."""
+    errors = 1.0 - np.asarray(accuracies, dtype=np.float64)
+    if errors.ndim != 1 or errors.size == 0 or not ((errors >= 0) & (errors <= 1)).all():
+        raise ValueError(
+            f"run_errors needs per-run accuracies in [0, 1] (shape (runs,)), got {accuracies!r}"
+        )
+    return RunErrors(errors=tuple(float(e) for e in errors), summary=mean_ci(errors))

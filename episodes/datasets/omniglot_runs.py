@@ -21,7 +21,14 @@ from episodes.episode import Episode
 from episodes.sampler import EpisodeSource, TransformFn
 from episodes.split import ImageSplit
 
-__all__ = ["LAKE_RUNS", "LAKE_WAY", "find_runs", "read_runs", "LakeRunsEpisodes"]
+__all__ = [
+    "LAKE_RUNS",
+    "LAKE_WAY",
+    "find_runs",
+    "read_runs",
+    "LakeRunsEpisodes",
+    "replays_lake_runs",
+]
 
 LAKE_RUNS = 20
 LAKE_WAY = 20
@@ -108,6 +115,12 @@ def read_runs(tree: _RunsTree) -> list[tuple[str, list[ImageRef]]]:
     return classes
 
 
+def _is_runs_split(split: ImageSplit) -> bool:
+    """Whether ``split`` holds the 400 run classes ``runNN/classMM`` of 2 images each."""
+    expected = [f"run{r:02d}/class{m:02d}" for r in range(1, 21) for m in range(1, 21)]
+    return split.class_names == expected and bool((split.class_counts == 2).all())
+
+
 class LakeRunsEpisodes(EpisodeSource):
     """The 20 runs replayed from a split made by :func:`read_runs` (the ``lake`` protocol's
     test split): episode ``r`` is 20-way, 1 support (the training image) and 1 query (the
@@ -123,9 +136,7 @@ class LakeRunsEpisodes(EpisodeSource):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(split, transform, 0, output, pin_memory)
-        names = split.class_names
-        expected = [f"run{r:02d}/class{m:02d}" for r in range(1, 21) for m in range(1, 21)]
-        if names != expected or not (split.class_counts == 2).all():
+        if not _is_runs_split(split):
             raise ValueError(
                 f"{split.name}/{split.split} is not the 20 Lake runs (400 classes runNN/classMM "
                 "of 2 images each: prepare Omniglot with protocol='lake')"
@@ -146,3 +157,19 @@ class LakeRunsEpisodes(EpisodeSource):
     def episode(self, index: int) -> Episode:
         classes, support, query, shot, seed = self.indices(index)
         return self._materialise(classes, support, query, shot, 1, seed)
+
+
+def replays_lake_runs(source: EpisodeSource) -> bool:
+    """Whether ``source``'s episodes are the 20 runs, in run order, on the ``lake`` test split
+    (e.g. ``load_manifest(<cache>/lake_runs.json, test)``): then its per-episode scores are the
+    per-run scores of Lake et al. (2015). Compares every episode's classes and rows with
+    :class:`LakeRunsEpisodes`; any other source (a sampler, another manifest) gives False.
+    """
+    if len(source) != LAKE_RUNS or not _is_runs_split(source.split):
+        return False
+    runs = LakeRunsEpisodes(source.split)
+    for index in range(LAKE_RUNS):
+        theirs, ours = source.indices(index)[:3], runs.indices(index)[:3]
+        if not all(np.array_equal(a, b) for a, b in zip(theirs, ours)):
+            return False
+    return True
