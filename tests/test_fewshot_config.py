@@ -90,7 +90,7 @@ def test_learner_options_are_checked_against_the_learner_and_filled_in() -> None
     with pytest.raises(
         ConfigError,
         match=r"learner\.inner_steps: unknown option for learner "
-        r"'protonet'; allowed options: \['similarity_penalty'\]",
+        r"'protonet'; allowed options: \['embed_together', 'similarity_penalty'\]",
     ):
         resolve_fewshot_config({"learner": {"name": "protonet", "inner_steps": 3}})
     with pytest.raises(ConfigError, match=r"learner\.inner_steps: got 2\.5"):
@@ -128,7 +128,11 @@ def test_runs_merge_base_run_and_overrides() -> None:
     # The conv spec is recorded with every field (ConvSpec.to_dict), the given ones kept.
     assert runs["static"]["model"]["conv"] == ConvSpec.from_dict({"kind": "static"}).to_dict()
     assert runs["plain"]["model"]["conv"]["kind"] == "plain"
-    assert runs["proto"]["learner"] == {"name": "protonet", "similarity_penalty": 0.0}
+    assert runs["proto"]["learner"] == {
+        "name": "protonet",
+        "similarity_penalty": 0.0,
+        "embed_together": False,
+    }
     assert all(run["train"]["steps"] == 7 for run in runs.values())
     assert runs["static"]["name"] == "static"
     with pytest.raises(ConfigError, match=r"runs\.bad: .*train\.oops"):
