@@ -288,8 +288,25 @@ def command_eval(args: argparse.Namespace) -> int:
 def command_prepare_data(args: argparse.Namespace) -> int:
     from episodes import prepare_dataset
 
+    # Only the options the user gave: each dataset rejects options it does not take.
+    given = {
+        "split_file": args.split_file,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "protocol": args.protocol,
+        "background": args.background,
+        "val_fraction": args.val_fraction,
+    }
+    options = {key: value for key, value in given.items() if value is not None}
+    if args.no_rotations:
+        options["rotations"] = False
     out = prepare_dataset(
-        args.dataset, args.source, args.out, strict=not args.no_strict, overwrite=args.overwrite
+        args.dataset,
+        args.source,
+        args.out,
+        strict=not args.no_strict,
+        overwrite=args.overwrite,
+        **options,
     )
     print(
         f"wrote {args.dataset} cache to {out}; train with data.dataset={args.dataset} "
@@ -394,6 +411,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept a subset (skip the published split-size checks)",
     )
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prepare.add_argument("--split-file", help="imagefolder: a file naming each class's split")
+    prepare.add_argument("--image-size", type=int, help="resize images to SIZE x SIZE")
+    prepare.add_argument(
+        "--channels", type=lambda v: v if v == "auto" else int(v), choices=[1, 3, "auto"],
+        help="image channels (default: follow the images; all grayscale -> 1)",
+    )
+    prepare.add_argument(
+        "--protocol", choices=["vinyals", "lake", "minimal"],
+        help="omniglot: 'vinyals' (full background/evaluation sets) or 'lake'/'minimal' "
+        "(small background sets, test = the 20 one-shot runs)",
+    )
+    prepare.add_argument(
+        "--background", choices=["small1", "small2", "both"],
+        help="omniglot lake protocol: which small background set(s) to train on",
+    )
+    prepare.add_argument(
+        "--val-fraction", type=float, help="omniglot lake protocol: held-out characters"
+    )
+    prepare.add_argument(
+        "--no-rotations", action="store_true", help="omniglot: no rotated copies as classes"
+    )
     prepare.set_defaults(handler=command_prepare_data)
 
     listing = commands.add_parser("list", help="datasets, backbones, learners, configs")

@@ -78,7 +78,12 @@ def test_a_short_protonet_training_beats_the_pixel_baseline_on_the_20_runs(
     20 runs: well under the 77.25% raw-pixel error (seconds of training; the full configs'
     numbers are in docs/reproduction.md). Seeds 0 and 1 at lr 1e-3 and 3e-3 gave 37-46%
     error; the 15-point margin is about three CIs over runs."""
-    cache = prepare_dataset("omniglot", real_omniglot(), tmp_path / "cache", protocol="lake")
+    cache = tmp_path / "cache"  # built by the CLI's prepare-data flags, as a user would
+    prepare = [sys.executable, "-m", "fewshot_nsl.cli", "prepare-data", "--dataset", "omniglot"]
+    prepare += ["--source", str(real_omniglot()), "--out", str(cache), "--protocol", "lake"]
+    prepare += ["--background", "both"]
+    prepared = subprocess.run(prepare, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
     manifest = cache / LAKE_RUNS_MANIFEST
     overrides = [
         f"data.root={cache}",
