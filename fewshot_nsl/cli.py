@@ -414,16 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--split-file", help="imagefolder: a file naming each class's split")
     prepare.add_argument("--image-size", type=int, help="resize images to SIZE x SIZE")
     prepare.add_argument(
-        "--channels", type=lambda v: v if v == "auto" else int(v), choices=[1, 3, "auto"],
+        "--channels",
+        type=lambda v: v if v == "auto" else int(v),
+        choices=[1, 3, "auto"],
         help="image channels (default: follow the images; all grayscale -> 1)",
     )
     prepare.add_argument(
-        "--protocol", choices=["vinyals", "lake", "minimal"],
+        "--protocol",
+        choices=["vinyals", "lake", "minimal"],
         help="omniglot: 'vinyals' (full background/evaluation sets) or 'lake'/'minimal' "
         "(small background sets, test = the 20 one-shot runs)",
     )
     prepare.add_argument(
-        "--background", choices=["small1", "small2", "both"],
+        "--background",
+        choices=["small1", "small2", "both"],
         help="omniglot lake protocol: which small background set(s) to train on",
     )
     prepare.add_argument(

@@ -40,15 +40,23 @@ def bench_config(args: argparse.Namespace) -> dict[str, Any]:
     return resolve_fewshot_config(
         {
             "name": "bench-distributed",
-            "data": {"dataset": "synthetic",
-                     "options": {"num_classes": 20, "images_per_class": 12, "image_size": size}},
-            "episodes": {"way": 5, "shot": 1, "query": args.query,
-                         "tasks_per_batch": args.tasks_per_batch, "val_episodes": 0},
-            "model": {"backbone": "conv4",
-                      "backbone_options": {"filters": args.filters, "image_size": size}},
+            "data": {
+                "dataset": "synthetic",
+                "options": {"num_classes": 20, "images_per_class": 12, "image_size": size},
+            },
+            "episodes": {
+                "way": 5,
+                "shot": 1,
+                "query": args.query,
+                "tasks_per_batch": args.tasks_per_batch,
+                "val_episodes": 0,
+            },
+            "model": {
+                "backbone": "conv4",
+                "backbone_options": {"filters": args.filters, "image_size": size},
+            },
             "learner": {"name": "maml", "inner_steps": args.inner_steps, "bn": "running"},
-            "train": {"steps": args.steps, "val_every": 0, "checkpoint_every": 0,
-                      "device": "cpu"},
+            "train": {"steps": args.steps, "val_every": 0, "checkpoint_every": 0, "device": "cpu"},
         }  # fmt: skip
     )
 
@@ -127,8 +135,12 @@ def launch(procs: int, threads: int, args: argparse.Namespace) -> dict[str, Any]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["1x1", "1x2", "2x1"],
-                        help="PROCESSESxTHREADS to compare (the first is the baseline)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["1x1", "1x2", "2x1"],
+        help="PROCESSESxTHREADS to compare (the first is the baseline)",
+    )
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--steps", type=int, default=10, help="timed meta-steps per run")

@@ -37,37 +37,58 @@ CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
     ("maml+checkpoint", {"name": "maml", "checkpoint_inner": True}, None),
     ("static_nsn", {"name": "static_nsn"}, {"kind": "static"}),
     ("dynamic_nsn/sample", {"name": "dynamic_nsn"}, {"kind": "dynamic", "granularity": "sample"}),
-    ("dynamic_nsn/location", {"name": "dynamic_nsn"},
-     {"kind": "dynamic", "granularity": "location"}),
+    (
+        "dynamic_nsn/location",
+        {"name": "dynamic_nsn"},
+        {"kind": "dynamic", "granularity": "location"},
+    ),
 ]
 TARGETS = {"static_nsn": 1.15, "dynamic_nsn/sample": 1.5}
 
 
-def make_episodes(count: int, way: int, shot: int, query: int, size: int,
-                  device: torch.device) -> list[Episode]:
+def make_episodes(
+    count: int, way: int, shot: int, query: int, size: int, device: torch.device
+) -> list[Episode]:
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(way)
     episodes = []
     for _ in range(count):
-        episodes.append(Episode(
-            support_x=torch.randn(way * shot, 3, size, size, generator=generator),
-            support_y=labels.repeat_interleave(shot),
-            query_x=torch.randn(way * query, 3, size, size, generator=generator),
-            query_y=labels.repeat_interleave(query),
-            classes=labels, support_indices=torch.arange(way * shot),
-            query_indices=torch.arange(way * query), way=way, shot=shot, query=query,
-        ).to(device))
+        episodes.append(
+            Episode(
+                support_x=torch.randn(way * shot, 3, size, size, generator=generator),
+                support_y=labels.repeat_interleave(shot),
+                query_x=torch.randn(way * query, 3, size, size, generator=generator),
+                query_y=labels.repeat_interleave(query),
+                classes=labels,
+                support_indices=torch.arange(way * shot),
+                query_indices=torch.arange(way * query),
+                way=way,
+                shot=shot,
+                query=query,
+            ).to(device)
+        )
     return episodes
 
 
-def build(config: dict[str, Any], conv: dict[str, Any] | None, first_order: bool, size: int,
-          inner_steps: int, way: int, device: torch.device) -> MAML:
+def build(
+    config: dict[str, Any],
+    conv: dict[str, Any] | None,
+    first_order: bool,
+    size: int,
+    inner_steps: int,
+    way: int,
+    device: torch.device,
+) -> MAML:
     torch.manual_seed(0)
     model = {"backbone": "conv4", "backbone_options": {"filters": 32, "image_size": size}}
     if conv is not None:
         model["conv"] = conv
-    learner = build_learner({**config, "first_order": first_order, "inner_steps": inner_steps},
-                            model, in_channels=3, way=way)
+    learner = build_learner(
+        {**config, "first_order": first_order, "inner_steps": inner_steps},
+        model,
+        in_channels=3,
+        way=way,
+    )
     return learner.to(device)
 
 
@@ -78,13 +99,15 @@ def meta_step(learner: MAML, optimizer: torch.optim.Optimizer, episode: Episode)
     optimizer.step()
 
 
-def profile(name: str, size: int, inner_steps: int, way: int, episodes: list[Episode],
-            device: torch.device) -> None:
+def profile(
+    name: str, size: int, inner_steps: int, way: int, episodes: list[Episode], device: torch.device
+) -> None:
     """Print the 15 ops with the most self time in one second-order meta-step of ``name``."""
     matches = [(config, conv) for n, config, conv in CONFIGS if n == name]
     if not matches:
-        raise SystemExit(f"--profile: unknown configuration {name!r}; "
-                         f"choose from {[n for n, _, _ in CONFIGS]}")
+        raise SystemExit(
+            f"--profile: unknown configuration {name!r}; choose from {[n for n, _, _ in CONFIGS]}"
+        )
     config, conv = matches[0]
     learner = build(config, conv, False, size, inner_steps, way, device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
@@ -112,9 +135,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
-    parser.add_argument("--profile", metavar="NAME", default=None,
-                        help="instead of timing, profile one meta-step of configuration NAME "
-                             "(torch.profiler) and print the ops that dominate it")
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        default=None,
+        help="instead of timing, profile one meta-step of configuration NAME "
+        "(torch.profiler) and print the ops that dominate it",
+    )
     args = parser.parse_args()
     size = args.size or (32 if args.quick else 84)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -127,10 +154,12 @@ def main() -> None:
         profile(args.profile, size, args.inner_steps, way, episodes, device)
         return
 
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}; {way}-way {shot}-shot, "
-          f"{query} queries/class, {args.inner_steps} inner steps, {size}x{size}x3, "
-          f"Conv-4-32, {rounds} interleaved rounds (+1 warm-up)")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}; {way}-way {shot}-shot, "
+        f"{query} queries/class, {args.inner_steps} inner steps, {size}x{size}x3, "
+        f"Conv-4-32, {rounds} interleaved rounds (+1 warm-up)"
+    )
     results = {}
     for first_order in (False, True):
         runs = {}
@@ -151,8 +180,10 @@ def main() -> None:
             learner.profile_memory = False
             results[(name, first_order)] = (times, learner.memory_profile[-1])
 
-    print("\n| learner | order | ms / meta-step (min / median) | meta-steps / s (median) "
-          "| × MAML: median paired ratio [min–max] | target | graph memory after inner loop |")
+    print(
+        "\n| learner | order | ms / meta-step (min / median) | meta-steps / s (median) "
+        "| × MAML: median paired ratio [min–max] | target | graph memory after inner loop |"
+    )
     print("|---|---|---:|---:|---:|---|---:|")
     for first_order in (False, True):
         base = results.get(("maml", first_order))
@@ -170,9 +201,11 @@ def main() -> None:
             held = f"{memory.saved_bytes / 2**20:.1f} MiB"
             if memory.cuda_peak_bytes is not None:
                 held += f" (CUDA peak {memory.cuda_peak_bytes / 2**20:.1f} MiB)"
-            print(f"| {name} | {'first' if first_order else 'second'} | "
-                  f"{best * 1e3:.0f} / {median * 1e3:.0f} | {1 / median:.2f} | {ratio} | "
-                  f"{verdict} | {held} |")
+            print(
+                f"| {name} | {'first' if first_order else 'second'} | "
+                f"{best * 1e3:.0f} / {median * 1e3:.0f} | {1 / median:.2f} | {ratio} | "
+                f"{verdict} | {held} |"
+            )
 
 
 if __name__ == "__main__":

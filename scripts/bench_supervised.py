@@ -44,10 +44,18 @@ VARIANTS = {
     "plain": {"kind": "plain"},
     "static_shared": {"kind": "static", "similarity": "full", "sharing": "shared"},
     "static_disjoint": {"kind": "static", "similarity": "full", "sharing": "disjoint"},
-    "dynamic_diag_location": {"kind": "dynamic", "similarity": "diagonal",
-                              "granularity": "location", "hidden": 64},
-    "dynamic_diag_sample": {"kind": "dynamic", "similarity": "diagonal",
-                            "granularity": "sample", "hidden": 64},
+    "dynamic_diag_location": {
+        "kind": "dynamic",
+        "similarity": "diagonal",
+        "granularity": "location",
+        "hidden": 64,
+    },
+    "dynamic_diag_sample": {
+        "kind": "dynamic",
+        "similarity": "diagonal",
+        "granularity": "sample",
+        "hidden": 64,
+    },
 }
 
 
@@ -57,14 +65,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=150, help="training iterations each")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--warmup", type=int, default=30,
-                        help="linear warm-up iterations (short runs stall at chance without)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=30,
+        help="linear warm-up iterations (short runs stall at chance without)",
+    )
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64],
-                        help="stage widths (the paper's CNN-9: 32 64 128)")
+    parser.add_argument(
+        "--widths",
+        type=int,
+        nargs=3,
+        default=[16, 32, 64],
+        help="stage widths (the paper's CNN-9: 32 64 128)",
+    )
     parser.add_argument("--speed-batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds")
     parser.add_argument("--repeats", type=int, default=3, help="passes per model per round")
@@ -82,12 +99,22 @@ def parse_args() -> argparse.Namespace:
 def config_for(conv: dict, args: argparse.Namespace) -> dict:
     return resolve_config(
         {
-            "model": {"backbone": "cnn9", "conv": conv,
-                      "backbone_options": {"widths": args.widths, "root_width": args.widths[0]}},
-            "train": {"iterations": args.iterations, "batch_size": args.batch_size,
-                      "lr": args.lr, "warmup_iterations": args.warmup, "lr_milestones": [],
-                      "device": "cpu", "eval_every": 0,
-                      "checkpoint_every": 0, "log_every": max(1, args.iterations)},
+            "model": {
+                "backbone": "cnn9",
+                "conv": conv,
+                "backbone_options": {"widths": args.widths, "root_width": args.widths[0]},
+            },
+            "train": {
+                "iterations": args.iterations,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "warmup_iterations": args.warmup,
+                "lr_milestones": [],
+                "device": "cpu",
+                "eval_every": 0,
+                "checkpoint_every": 0,
+                "log_every": max(1, args.iterations),
+            },
             "eval": {"speed_rounds": 0},
         },
         [],
@@ -100,19 +127,29 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    data = load_synthetic(num_classes=args.classes, train_per_class=args.train_per_class,
-                          test_per_class=args.test_per_class, image_size=args.image_size,
-                          channels=3, seed=0)
-    print(f"data: {data.num_classes} classes, {len(data.train_labels)} train / "
-          f"{len(data.test_labels)} test images {data.image_shape} "
-          f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    data = load_synthetic(
+        num_classes=args.classes,
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        image_size=args.image_size,
+        channels=3,
+        seed=0,
+    )
+    print(
+        f"data: {data.num_classes} classes, {len(data.train_labels)} train / "
+        f"{len(data.test_labels)} test images {data.image_shape} "
+        f"({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+    )
 
     rows: dict[str, dict] = {}
     speed_models: dict[str, torch.nn.Module] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bench_supervised_"))
     for name in args.variants:
         trainer = SupervisedTrainer(
-            config_for(VARIANTS[name], args), workdir / name, data=data,
+            config_for(VARIANTS[name], args),
+            workdir / name,
+            data=data,
             quiet=not sys.stderr.isatty(),
         )
         trainer.setup()
@@ -125,12 +162,16 @@ def main() -> int:
             "train_s_per_iter": trainer.train_time_s / args.iterations,
         }
         speed_models[name] = trainer.model.eval()
-        print(f"{name}: error {summary['test_error']:.3f}, "
-              f"{rows[name]['train_s_per_iter']:.2f} s/iter", file=sys.stderr)
+        print(
+            f"{name}: error {summary['test_error']:.3f}, "
+            f"{rows[name]['train_s_per_iter']:.2f} s/iter",
+            file=sys.stderr,
+        )
         if VARIANTS[name]["kind"] == "static":
             folded = fold_model(copy.deepcopy(trainer.model)).eval()
-            folded_error = evaluate(folded, data.test_images, data.test_labels,
-                                    trainer.normalize)["error"]
+            folded_error = evaluate(folded, data.test_images, data.test_labels, trainer.normalize)[
+                "error"
+            ]
             rows[name]["folded_test_error"] = folded_error
             speed_models[f"{name} folded"] = folded
             # The exported file, as a user loads it (normalisation inside its graph).
@@ -139,42 +180,64 @@ def main() -> int:
             speed_models[f"{name} exported"] = load_exported(exported_path)[0]
 
     reference = "plain" if "plain" in speed_models else next(iter(speed_models))
-    speeds = compare_throughput(speed_models, data.image_shape, batch_size=args.speed_batch,
-                                rounds=args.rounds, repeats=args.repeats, reference=reference)
+    speeds = compare_throughput(
+        speed_models,
+        data.image_shape,
+        batch_size=args.speed_batch,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        reference=reference,
+    )
     plain_train = rows.get(reference, {}).get("train_s_per_iter")
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"shared with other jobs")
-    print(f"data: synthetic glyphs {data.image_shape}, {data.num_classes} classes, "
-          f"{len(data.train_labels)} train / {len(data.test_labels)} test; CNN-9 widths "
-          f"{args.widths}; {args.iterations} iterations of batch {args.batch_size}, lr "
-          f"{args.lr}, warm-up {args.warmup}\n")
-    print("| model | test error | params | NSL params | train s/iter (x plain) "
-          "| inference img/s | time x plain (median) |")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"shared with other jobs"
+    )
+    print(
+        f"data: synthetic glyphs {data.image_shape}, {data.num_classes} classes, "
+        f"{len(data.train_labels)} train / {len(data.test_labels)} test; CNN-9 widths "
+        f"{args.widths}; {args.iterations} iterations of batch {args.batch_size}, lr "
+        f"{args.lr}, warm-up {args.warmup}\n"
+    )
+    print(
+        "| model | test error | params | NSL params | train s/iter (x plain) "
+        "| inference img/s | time x plain (median) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for model_name, speed in speeds.items():
         variant = model_name.split(" ")[0]
         row = rows[variant]
         folded = model_name != variant
         error = row["folded_test_error"] if folded else row["test_error"]
-        params = rows[reference]["parameters"] if folded and reference in rows else (
-            row["parameters"])
-        train = "" if folded else f"{row['train_s_per_iter']:.3f}" + (
-            f" ({row['train_s_per_iter'] / plain_train:.2f}x)" if plain_train else "")
+        params = (
+            rows[reference]["parameters"] if folded and reference in rows else (row["parameters"])
+        )
+        train = (
+            ""
+            if folded
+            else f"{row['train_s_per_iter']:.3f}"
+            + (f" ({row['train_s_per_iter'] / plain_train:.2f}x)" if plain_train else "")
+        )
         nsl = 0 if folded else row["nsl_parameters"]
-        print(f"| {model_name} | {100 * error:.1f}% | {params:,} | {nsl:,} | {train} "
-              f"| {speed['images_per_s']:.0f} | {speed['time_ratio']:.3f} |")
-    folded_ratios = {k: v["time_ratio"] for k, v in speeds.items() if k.endswith(("folded",
-                                                                                 "exported"))}
+        print(
+            f"| {model_name} | {100 * error:.1f}% | {params:,} | {nsl:,} | {train} "
+            f"| {speed['images_per_s']:.0f} | {speed['time_ratio']:.3f} |"
+        )
+    folded_ratios = {
+        k: v["time_ratio"] for k, v in speeds.items() if k.endswith(("folded", "exported"))
+    }
     if folded_ratios:
         worst = max(folded_ratios.values())
         verdict = "MET" if worst <= 1.05 else "MISSED"
         if args.quick:  # ~1 ms passes: Python overhead and load spikes dominate
             verdict += " (--quick: smoke run, timings not meaningful)"
-        print(f"\nfolded/exported static NSN vs CNN (median time ratio): "
-              f"{statistics.median(folded_ratios.values()):.3f}, worst {worst:.3f} -> "
-              f"target <= 1.05 {verdict}")
+        print(
+            f"\nfolded/exported static NSN vs CNN (median time ratio): "
+            f"{statistics.median(folded_ratios.values()):.3f}, worst {worst:.3f} -> "
+            f"target <= 1.05 {verdict}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "speeds": speeds}, indent=2))
     print(f"total {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -140,9 +140,9 @@ def check_case(ext, case: Case, dtype: torch.dtype, generator: torch.Generator) 
     for name, got_out, got_op, want in zip(("gx", "gW", "gM"), grads_out, grads_op, grads_ref):
         errors[name] = max(relative_error(got_out, want), relative_error(got_op, want))
     errors["unwritten"] = unwritten
-    errors["ok"] = unwritten == 0 and max(
-        errors[k] for k in ("y", "gx", "gW", "gM")
-    ) <= TOLERANCE[dtype]
+    errors["ok"] = (
+        unwritten == 0 and max(errors[k] for k in ("y", "gx", "gW", "gM")) <= TOLERANCE[dtype]
+    )
     return errors
 
 
@@ -161,9 +161,7 @@ def run_gradchecks() -> list[tuple[str, bool]]:
 
         label = f"gradcheck float64 {granularity}/{'diag' if diagonal else 'full'}"
         try:
-            ok = torch.autograd.gradcheck(op, inputs) and torch.autograd.gradgradcheck(
-                op, inputs
-            )
+            ok = torch.autograd.gradcheck(op, inputs) and torch.autograd.gradgradcheck(op, inputs)
         except Exception as exc:  # a failed check raises GradcheckError with the details
             print(f"  {label}: {exc}")
             ok = False

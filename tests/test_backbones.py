@@ -36,7 +36,6 @@ SMALL = {
 }
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny: one intra-op thread is faster than two that synchronise, and
@@ -86,8 +85,12 @@ def test_every_factory_conv_becomes_nsl(name: str, factory_convs: int, plain_con
 
 def test_backbone_options_lists_defaults() -> None:
     assert backbone_options("conv4") == {
-        "filters": 32, "image_size": 84, "pool": "flatten", "downsample": "max_pool",
-        "init": "default", "norm_eps": 1e-5,
+        "filters": 32,
+        "image_size": 84,
+        "pool": "flatten",
+        "downsample": "max_pool",
+        "init": "default",
+        "norm_eps": 1e-5,
     }
     assert backbone_options(lambda **anything: nn.Identity()) is None
 

@@ -432,10 +432,26 @@ def emulated_kernels(tmp_path_factory):
     library = folder / "kernels.so"
     csrc = extension_loader.CSRC_DIR
     command = [
-        cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-        f"-I{csrc}", f"-I{cuda_include}", "-include", str(csrc / "host_emulation.h"),
-        "-x", "c++", str(csrc / "bilinear_conv2d_kernels.cu"), "-x", "c++",
-        str(folder / "shim.cpp"), "-o", str(library), "-lpthread",
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        f"-I{csrc}",
+        f"-I{cuda_include}",
+        "-include",
+        str(csrc / "host_emulation.h"),
+        "-x",
+        "c++",
+        str(csrc / "bilinear_conv2d_kernels.cu"),
+        "-x",
+        "c++",
+        str(folder / "shim.cpp"),
+        "-o",
+        str(library),
+        "-lpthread",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -450,8 +466,23 @@ def run_emulated(lib, x, weight, M, grad_y, geometry, diagonal):
     batch, channels, height, width = x.shape
     out_ch, _, kh, kw = weight.shape
     h_out, w_out = grad_y.shape[2:]
-    dims = torch.tensor([batch, channels, height, width, out_ch, kh, kw, h_out, w_out,
-                         *stride, *padding, *dilation], dtype=torch.int64)
+    dims = torch.tensor(
+        [
+            batch,
+            channels,
+            height,
+            width,
+            out_ch,
+            kh,
+            kw,
+            h_out,
+            w_out,
+            *stride,
+            *padding,
+            *dilation,
+        ],
+        dtype=torch.int64,
+    )
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     taps = kh * kw
 
@@ -467,8 +498,19 @@ def run_emulated(lib, x, weight, M, grad_y, geometry, diagonal):
     dtype = EMULATION_DTYPES[x.dtype]
     tensors = [t.contiguous() for t in (x, weight, M, grad_y)]
     assert lib.forward(dtype, *map(ptr, tensors[:3]), ptr(y), ptr(dims), int(diagonal)) == 0
-    assert lib.backward(dtype, ptr(tensors[3]), *map(ptr, tensors[:3]), ptr(patches),
-                        ptr(partials), *map(ptr, grads), ptr(dims), int(diagonal)) == 0
+    assert (
+        lib.backward(
+            dtype,
+            ptr(tensors[3]),
+            *map(ptr, tensors[:3]),
+            ptr(patches),
+            ptr(partials),
+            *map(ptr, grads),
+            ptr(dims),
+            int(diagonal),
+        )
+        == 0
+    )
     return y, grads, splits
 
 
@@ -484,21 +526,25 @@ EMULATION_CASES = [
 
 
 @pytest.mark.parametrize("geometry,diagonal,dtype,sizes", EMULATION_CASES)
-def test_emulated_location_kernels_match_reference(emulated_kernels, geometry, diagonal, dtype,
-                                                   sizes):
+def test_emulated_location_kernels_match_reference(
+    emulated_kernels, geometry, diagonal, dtype, sizes
+):
     x, weight, M = (t.to(dtype) for t in make_inputs("location", diagonal, geometry, **sizes))
     ref_inputs = [t.double().requires_grad_() for t in (x, weight, M)]
     y_ref = reference(*ref_inputs, *geometry[1:], "location", diagonal)
-    grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1),
-                         dtype=torch.float64)
+    grad_y = torch.randn(
+        y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
     grads_ref = torch.autograd.grad(y_ref, ref_inputs, grad_y)
-    y, grads, splits = run_emulated(emulated_kernels, x, weight, M, grad_y.to(dtype), geometry,
-                                    diagonal)
+    y, grads, splits = run_emulated(
+        emulated_kernels, x, weight, M, grad_y.to(dtype), geometry, diagonal
+    )
     if sizes.get("out_ch", 0) > 64:
         assert splits > 1  # the case exists to exercise the split-K path
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
-    for name, got, want in zip(("y", "grad_x", "grad_weight", "grad_M"), (y, *grads),
-                               (y_ref, *grads_ref)):
+    for name, got, want in zip(
+        ("y", "grad_x", "grad_weight", "grad_M"), (y, *grads), (y_ref, *grads_ref)
+    ):
         assert not torch.isnan(got).any(), f"{name}: elements left unwritten"
         rel = ((got.double() - want).norm() / want.norm()).item()
         assert rel <= tolerance, f"{name}: relative error {rel:.2e} > {tolerance:g}"
@@ -579,7 +625,11 @@ def test_binding_arguments_name_the_granularity_by_one_flag():
     """The one place where ``granularity`` meets the C++ binding's ``per_location`` bool."""
     geometry = ConvGeometry((2, 1), (0, 1), (1, 2))
     assert extension_loader.binding_arguments(geometry, "location", True) == (
-        [2, 1], [0, 1], [1, 2], True, True
+        [2, 1],
+        [0, 1],
+        [1, 2],
+        True,
+        True,
     )
     assert extension_loader.binding_arguments(geometry, "sample", False)[3:] == (False, False)
     with pytest.raises(ValueError, match="granularity"):

@@ -33,9 +33,7 @@ def randomise_m(layer: NSLConv2d, seed: int = 0) -> None:
 @pytest.mark.parametrize("granularity", ["shared", "channel"])
 def test_static_fresh_layer_equals_conv2d(similarity, granularity):
     torch.manual_seed(0)
-    layer = NSLConv2d(
-        3, 5, 3, stride=2, padding=1, similarity=similarity, granularity=granularity
-    )
+    layer = NSLConv2d(3, 5, 3, stride=2, padding=1, similarity=similarity, granularity=granularity)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
     conv.load_state_dict({"weight": layer.weight, "bias": layer.bias})
     x = torch.randn(2, 3, 9, 9)
@@ -73,9 +71,7 @@ def test_static_matches_reference(similarity, granularity, shape):
 @pytest.mark.parametrize("granularity", ["shared", "channel"])
 def test_fold_equals_layer(similarity, granularity):
     torch.manual_seed(2)
-    layer = NSLConv2d(
-        3, 4, 3, stride=2, padding=1, similarity=similarity, granularity=granularity
-    )
+    layer = NSLConv2d(3, 4, 3, stride=2, padding=1, similarity=similarity, granularity=granularity)
     randomise_m(layer)
     x = torch.randn(2, 3, 9, 9)
     folded = layer.fold()

@@ -48,8 +48,12 @@ def test_inner_step_sum_over_shots_equals_reference_step() -> None:
     state = learner.adapt(episode.support_x, episode.support_y, WAY)
     head = learner.model.head
     weight, bias = reference_inner_step(
-        head.weight.detach(), head.bias.detach(), episode.support_x.flatten(1),
-        episode.support_y, lr=0.01, shots=SHOT,
+        head.weight.detach(),
+        head.bias.detach(),
+        episode.support_x.flatten(1),
+        episode.support_y,
+        lr=0.01,
+        shots=SHOT,
     )
     torch.testing.assert_close(state.params["head.weight"], weight, rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(state.params["head.bias"], bias, rtol=1e-13, atol=1e-15)
@@ -66,14 +70,22 @@ def test_query_loss_sum_over_shots_equals_reference() -> None:
     torch.manual_seed(0)
     episode = make_episode(way=WAY, shot=SHOT, query=QUERY, dtype=torch.float64)
     learner = MAML(
-        Flatten(4), WAY, inner_steps=1, inner_lr=0.01, inner_loss_reduction="sum_over_shots",
+        Flatten(4),
+        WAY,
+        inner_steps=1,
+        inner_lr=0.01,
+        inner_loss_reduction="sum_over_shots",
         query_loss_reduction="sum_over_shots",
     ).double()
     loss, _ = learner.meta_loss(episode)
     head = learner.model.head
     weight, bias = reference_inner_step(
-        head.weight.detach(), head.bias.detach(), episode.support_x.flatten(1),
-        episode.support_y, lr=0.01, shots=SHOT,
+        head.weight.detach(),
+        head.bias.detach(),
+        episode.support_x.flatten(1),
+        episode.support_y,
+        lr=0.01,
+        shots=SHOT,
     )
     logits = episode.query_x.flatten(1) @ weight.T + bias
     per_example = -torch.log_softmax(logits, dim=1)[torch.arange(len(logits)), episode.query_y]
@@ -113,8 +125,9 @@ def reference_conv4_forward(learner: MAML, x: torch.Tensor) -> torch.Tensor:
     hidden = x
     for i in range(4):
         prefix = f"backbone.blocks.{i}"
-        out = F.conv2d(hidden, params[f"{prefix}.conv.weight"], params[f"{prefix}.conv.bias"],
-                       padding=1)
+        out = F.conv2d(
+            hidden, params[f"{prefix}.conv.weight"], params[f"{prefix}.conv.bias"], padding=1
+        )
         mean = out.mean(dim=(0, 2, 3), keepdim=True)
         var = out.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
         beta = params[f"{prefix}.norm.bias"].view(1, -1, 1, 1)
@@ -191,7 +204,7 @@ def test_protonet_embed_together_is_one_batch() -> None:
     loss, _ = learner.meta_loss(episode)
     # by hand: one forward pass of the concatenated batch, prototypes from its support rows
     features = backbone(torch.cat([episode.support_x, episode.query_x]))
-    support, query = features[: len(episode.support_y)], features[len(episode.support_y):]
+    support, query = features[: len(episode.support_y)], features[len(episode.support_y) :]
     prototypes = torch.stack([support[episode.support_y == n].mean(0) for n in range(WAY)])
     logits = -((query[:, None, :] - prototypes[None]) ** 2).sum(-1)
     torch.testing.assert_close(loss, F.cross_entropy(logits, episode.query_y), rtol=1e-10, atol=0)
@@ -228,10 +241,14 @@ def test_maml_reproduction_configs_use_the_reference_settings(path: Path) -> Non
     assert options["init"] == "xavier_uniform" and options["norm_eps"] == 1e-3
     if "omniglot" in path.stem:
         assert (options["downsample"], options["pool"], learner["head_init"]) == (
-            "stride", "avg", "normal"
+            "stride",
+            "avg",
+            "normal",
         )
         assert (learner["inner_lr"], learner["inner_steps"], episodes["query"]) == (
-            0.4, 1, episodes["shot"]
+            0.4,
+            1,
+            episodes["shot"],
         )
     else:
         assert learner["head_init"] == "xavier_uniform" and episodes["query"] == 15

@@ -56,8 +56,9 @@ def authors_mask(x: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor, diagonal: 
     """The authors' ``_combined_conv`` mask for NHWC ``x``: ``(N, H, W, 9[, 9])``."""
     channels = x.shape[3]
     conv = tf_conv3x3_same(x, f1)
-    input_norm = torch.sqrt(tf_conv3x3_same(x * x, torch.ones(3, 3, channels, 1, dtype=DTYPE))
-                            + 1e-4)
+    input_norm = torch.sqrt(
+        tf_conv3x3_same(x * x, torch.ones(3, 3, channels, 1, dtype=DTYPE)) + 1e-4
+    )
     h = conv / input_norm
     if diagonal:
         h = tf_batch_norm(h)
@@ -117,8 +118,15 @@ def test_authors_dynamic_layer_matches_their_graph(diagonal):
     """The whole dynamic layer (our input-side mixing) equals their response-side sum."""
     torch.manual_seed(2)
     layer = DynamicNSLConv2d(
-        3, 4, 3, padding=1, bias=False, similarity="diagonal" if diagonal else "full",
-        granularity="location", hidden=5, predictor_style="authors",
+        3,
+        4,
+        3,
+        padding=1,
+        bias=False,
+        similarity="diagonal" if diagonal else "full",
+        granularity="location",
+        hidden=5,
+        predictor_style="authors",
     ).double()
     with torch.no_grad():
         layer.predictor.head.weight.normal_()
@@ -235,8 +243,13 @@ def test_cnn9_authors_batch_norm_and_he_normal_init():
 
     torch.manual_seed(6)
     net = build_backbone(
-        "cnn9", in_channels=3, conv={"kind": "static", "similarity": "diagonal"},
-        widths=(32, 64, 128), num_classes=10, batch_norm_eps=1e-3, batch_norm_momentum=1e-3,
+        "cnn9",
+        in_channels=3,
+        conv={"kind": "static", "similarity": "diagonal"},
+        widths=(32, 64, 128),
+        num_classes=10,
+        batch_norm_eps=1e-3,
+        batch_norm_momentum=1e-3,
         init="he_normal",
     )
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]

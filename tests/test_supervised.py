@@ -43,10 +43,18 @@ VARIANTS = {
     "plain": {"kind": "plain"},
     "static_shared": {"kind": "static", "similarity": "full", "sharing": "shared"},
     "static_disjoint": {"kind": "static", "similarity": "full", "sharing": "disjoint"},
-    "dynamic_diagonal": {"kind": "dynamic", "similarity": "diagonal", "granularity": "location",
-                         "hidden": 8},
-    "dynamic_full": {"kind": "dynamic", "similarity": "full", "granularity": "location",
-                     "hidden": 8},
+    "dynamic_diagonal": {
+        "kind": "dynamic",
+        "similarity": "diagonal",
+        "granularity": "location",
+        "hidden": 8,
+    },
+    "dynamic_full": {
+        "kind": "dynamic",
+        "similarity": "full",
+        "granularity": "location",
+        "hidden": 8,
+    },
 }
 
 

@@ -19,10 +19,15 @@ VARIANTS = {
     "static_nsn": ("static", {}, {"similarity_penalty": 5e-3}),
     "dynamic_nsn_sample": ("dynamic", {"granularity": "sample"}, {}),
     "dynamic_nsn_location": ("dynamic", {"granularity": "location"}, {}),
-    "reference_bn_sum_over_shots": ("plain", {}, {
-        "bn": "transductive_outer_beta", "inner_loss_reduction": "sum_over_shots",
-        "query_loss_reduction": "sum_over_shots",
-    }),
+    "reference_bn_sum_over_shots": (
+        "plain",
+        {},
+        {
+            "bn": "transductive_outer_beta",
+            "inner_loss_reduction": "sum_over_shots",
+            "query_loss_reduction": "sum_over_shots",
+        },
+    ),
 }
 
 

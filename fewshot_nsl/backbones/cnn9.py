@@ -55,10 +55,14 @@ class CNN9(nn.Module):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"cnn9 option 'init' must be one of {INITS}, got {init!r}")
-        for name, value in (("batch_norm_eps", batch_norm_eps),
-                            ("batch_norm_momentum", batch_norm_momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 < value <= 1
+        for name, value in (
+            ("batch_norm_eps", batch_norm_eps),
+            ("batch_norm_momentum", batch_norm_momentum),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (0 < value <= 1)
             ):
                 raise ValueError(f"cnn9 option {name!r} must be a number in (0, 1], got {value!r}")
         bn = {"eps": float(batch_norm_eps), "momentum": float(batch_norm_momentum)}
@@ -66,8 +70,9 @@ class CNN9(nn.Module):
         if len(widths) != 3 or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"cnn9 option 'widths' must be 3 positive ints, got {widths!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"cnn9 option 'num_classes' must be a positive int or None, got "
-                             f"{num_classes!r}")
+            raise ValueError(
+                f"cnn9 option 'num_classes' must be a positive int or None, got {num_classes!r}"
+            )
         if num_classes is not None and (not isinstance(image_size, int) or image_size < 8):
             raise ValueError(f"cnn9 option 'image_size' must be an int >= 8, got {image_size!r}")
         root = nn.Conv2d(in_channels, root_width, 3, padding=1)
@@ -125,6 +130,14 @@ def cnn9(
 ) -> CNN9:
     """CNN-9 (see :class:`CNN9`); options ``widths``, ``root_width``, ``num_classes``,
     ``image_size``, ``batch_norm_eps``, ``batch_norm_momentum``, ``init``."""
-    return CNN9(conv_factory, in_channels, widths=widths, root_width=root_width,
-                num_classes=num_classes, image_size=image_size, batch_norm_eps=batch_norm_eps,
-                batch_norm_momentum=batch_norm_momentum, init=init)
+    return CNN9(
+        conv_factory,
+        in_channels,
+        widths=widths,
+        root_width=root_width,
+        num_classes=num_classes,
+        image_size=image_size,
+        batch_norm_eps=batch_norm_eps,
+        batch_norm_momentum=batch_norm_momentum,
+        init=init,
+    )

@@ -187,6 +187,12 @@ def conv4(
     """Conv-4 (see :class:`Conv4`); options ``filters``, ``image_size``, ``pool``,
     ``downsample``, ``init``, ``norm_eps``."""
     return Conv4(
-        conv_factory, in_channels, filters=filters, image_size=image_size, pool=pool,
-        downsample=downsample, init=init, norm_eps=norm_eps,
+        conv_factory,
+        in_channels,
+        filters=filters,
+        image_size=image_size,
+        pool=pool,
+        downsample=downsample,
+        init=init,
+        norm_eps=norm_eps,
     )

@@ -43,9 +43,7 @@ def check_common_options(way: object, similarity_penalty: object) -> None:
     if not isinstance(way, int) or isinstance(way, bool) or way < 2:
         raise ValueError(f"way must be an int >= 2, got {way!r}")
     if not isinstance(similarity_penalty, (int, float)) or similarity_penalty < 0:
-        raise ValueError(
-            f"similarity_penalty must be a number >= 0, got {similarity_penalty!r}"
-        )
+        raise ValueError(f"similarity_penalty must be a number >= 0, got {similarity_penalty!r}")
 
 
 def similarity_penalty_term(model: nn.Module, weight: float) -> torch.Tensor | float:

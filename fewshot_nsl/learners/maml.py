@@ -124,8 +124,10 @@ def select_parameters(
         and not any(fnmatch.fnmatchcase(name, p) for p in frozen)
     ]
     if not chosen:
-        raise ValueError(f"adapt={list(adapt)} with frozen={list(frozen)} leaves no parameter to "
-                         "adapt in the inner loop")
+        raise ValueError(
+            f"adapt={list(adapt)} with frozen={list(frozen)} leaves no parameter to "
+            "adapt in the inner loop"
+        )
     return chosen
 
 
@@ -207,8 +209,10 @@ class MAML(Learner):
             raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
         if bn not in BN_POLICIES:
             raise ValueError(f"bn must be one of {BN_POLICIES}, got {bn!r}")
-        for key, value in (("inner_loss_reduction", inner_loss_reduction),
-                           ("query_loss_reduction", query_loss_reduction)):
+        for key, value in (
+            ("inner_loss_reduction", inner_loss_reduction),
+            ("query_loss_reduction", query_loss_reduction),
+        ):
             if value not in LOSS_REDUCTIONS:
                 raise ValueError(f"{key} must be one of {LOSS_REDUCTIONS}, got {value!r}")
         for key, patterns in (("adapt", adapt), ("frozen", frozen)):
@@ -322,7 +326,13 @@ class MAML(Learner):
                     fast = tuple(w.detach().requires_grad_() for w in fast)
                 if self.checkpoint_inner and meta_graph:
                     fast = checkpoint(
-                        self._inner_step, params, support_x, support_y, shots, create_graph, *fast,
+                        self._inner_step,
+                        params,
+                        support_x,
+                        support_y,
+                        shots,
+                        create_graph,
+                        *fast,
                         use_reentrant=False,
                     )
                 else:
@@ -368,15 +378,20 @@ class MAML(Learner):
     def _check_task(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> int:
         """Raise on a malformed task; return its shots K (support examples per class)."""
         if way != self.way:
-            raise ValueError(f"episode way={way} but this learner's head was built for "
-                             f"way={self.way}")
+            raise ValueError(
+                f"episode way={way} but this learner's head was built for way={self.way}"
+            )
         if support_x.shape[0] != support_y.shape[0]:
-            raise ValueError(f"support_x has {support_x.shape[0]} images but support_y "
-                             f"{support_y.shape[0]} labels")
+            raise ValueError(
+                f"support_x has {support_x.shape[0]} images but support_y "
+                f"{support_y.shape[0]} labels"
+            )
         uses_shots = "sum_over_shots" in (self.inner_loss_reduction, self.query_loss_reduction)
         if uses_shots and support_y.shape[0] % way:
-            raise ValueError(f"loss reduction 'sum_over_shots' needs K support examples per "
-                             f"class; got {support_y.shape[0]} for way={way}")
+            raise ValueError(
+                f"loss reduction 'sum_over_shots' needs K support examples per "
+                f"class; got {support_y.shape[0]} for way={way}"
+            )
         return support_y.shape[0] // way
 
     def _memory_meter(self, params: dict[str, torch.Tensor]) -> SavedTensorMeter | None:

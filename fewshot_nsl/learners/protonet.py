@@ -15,8 +15,10 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, way: int) -> 
     ``0..way-1`` (``labels`` ``(B,)``); ``ValueError`` when a class has no example."""
     counts = torch.bincount(labels, minlength=way)
     if counts.numel() != way or bool((counts == 0).any()):
-        raise ValueError(f"support_y must hold every label 0..{way - 1} at least once, got "
-                         f"counts {counts.tolist()}")
+        raise ValueError(
+            f"support_y must hold every label 0..{way - 1} at least once, got "
+            f"counts {counts.tolist()}"
+        )
     sums = features.new_zeros(way, features.shape[1]).index_add_(0, labels, features)
     return sums / counts.unsqueeze(1).to(features.dtype)
 
@@ -87,5 +89,7 @@ class ProtoNet(Learner):
         return loss + similarity_penalty_term(self.backbone, self.similarity_penalty), accuracy
 
     def extra_repr(self) -> str:
-        return (f"way={self.way}, similarity_penalty={self.similarity_penalty}, "
-                f"embed_together={self.embed_together}")
+        return (
+            f"way={self.way}, similarity_penalty={self.similarity_penalty}, "
+            f"embed_together={self.embed_together}"
+        )

@@ -77,13 +77,16 @@ def register_learner(
 
     def decorate(cls: LearnerType) -> LearnerType:
         entry = LearnerEntry(
-            cls, MappingProxyType(dict(defaults or {})), MappingProxyType(dict(conv or {})),
+            cls,
+            MappingProxyType(dict(defaults or {})),
+            MappingProxyType(dict(conv or {})),
             summary or (cls.__doc__ or "").strip().split("\n")[0],
         )
         unknown = sorted(set(entry.defaults) - set(_keyword_defaults(cls)))
         if unknown:
-            raise ValueError(f"learner {name!r}: preset defaults {unknown} are not options of "
-                             f"{cls.__name__}")
+            raise ValueError(
+                f"learner {name!r}: preset defaults {unknown} are not options of {cls.__name__}"
+            )
         if name in _LEARNERS and _LEARNERS[name] != entry:
             raise ValueError(f"learner {name!r} is already registered")
         _LEARNERS[name] = entry
@@ -130,8 +133,9 @@ def build_learner(
         ValueError naming the unknown learner / option / model key and the allowed values.
     """
     if not isinstance(learner, Mapping) or "name" not in learner:
-        raise ValueError(f"learner config must be a mapping with a 'name' in {list_learners()}, "
-                         f"got {learner!r}")
+        raise ValueError(
+            f"learner config must be a mapping with a 'name' in {list_learners()}, got {learner!r}"
+        )
     name = learner["name"]
     if name not in _LEARNERS:
         raise ValueError(f"unknown learner name {name!r}; allowed: {list_learners()}")
@@ -140,8 +144,9 @@ def build_learner(
     allowed = learner_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for learner {name!r}; allowed options: "
-                         f"{sorted(allowed)}")
+        raise ValueError(
+            f"unknown option(s) {unknown} for learner {name!r}; allowed options: {sorted(allowed)}"
+        )
 
     if not isinstance(model, Mapping):
         raise ValueError(f"model config must be a mapping with keys {MODEL_KEYS}, got {model!r}")
@@ -152,15 +157,16 @@ def build_learner(
     backbone_options = dict(model.get("backbone_options") or {})
     for reserved in ("in_channels", "conv", "conv_factory"):
         if reserved in backbone_options:
-            raise ValueError(f"model.backbone_options may not set {reserved!r}; it is given by "
-                             "the model config / the data")
+            raise ValueError(
+                f"model.backbone_options may not set {reserved!r}; it is given by "
+                "the model config / the data"
+            )
     conv = dict(model.get("conv") or {})
     for key, value in entry.conv.items():
         if conv.setdefault(key, value) != value:
-            raise ValueError(f"learner {name!r} needs model.conv.{key}={value!r}, got "
-                             f"{conv[key]!r}")
+            raise ValueError(
+                f"learner {name!r} needs model.conv.{key}={value!r}, got {conv[key]!r}"
+            )
 
-    backbone = build_backbone(
-        backbone_name, in_channels=in_channels, conv=conv, **backbone_options
-    )
+    backbone = build_backbone(backbone_name, in_channels=in_channels, conv=conv, **backbone_options)
     return entry.cls(backbone, way, **{**entry.defaults, **options})

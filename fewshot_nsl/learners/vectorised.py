@@ -83,9 +83,7 @@ def sequential_fallback_reason(learner: MAML, episodes: Sequence[Episode]) -> st
         return "checkpoint_inner is not vmap-able"
     if learner.profile_memory:
         return "profile_memory hooks are not vmap-able"
-    shapes = {
-        (e.way, tuple(e.support_x.shape), tuple(e.query_x.shape)) for e in episodes
-    }
+    shapes = {(e.way, tuple(e.support_x.shape), tuple(e.query_x.shape)) for e in episodes}
     if len(shapes) != 1:
         return f"episodes of different shapes {sorted(shapes)}"
     return None

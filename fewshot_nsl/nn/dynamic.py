@@ -127,9 +127,7 @@ class SimilarityPredictor(nn.Module):
         use_bn = self.diagonal if batch_norm is None else batch_norm
         authors = style == "authors"
         outputs = self.taps if self.diagonal else self.taps * self.taps
-        self.conv1 = nn.Conv2d(
-            in_channels, hidden, self.kernel_size, bias=not (use_bn or authors)
-        )
+        self.conv1 = nn.Conv2d(in_channels, hidden, self.kernel_size, bias=not (use_bn or authors))
         bn_options = AUTHORS_BATCH_NORM if authors else {}
         self.norm = nn.BatchNorm2d(hidden, **bn_options) if use_bn else nn.Identity()
         if granularity == "location":

@@ -47,8 +47,15 @@ def _forward_torch(
 
 
 def _backward_torch(
-    grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, stride, padding, dilation,
-    granularity, diagonal,
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    stride,
+    padding,
+    dilation,
+    granularity,
+    diagonal,
 ) -> tuple[Tensor, Tensor, Tensor]:
     geometry = _geometry(stride, padding, dilation)
     return backward_torch(grad_y, x, weight, M, geometry, granularity, diagonal)
@@ -65,8 +72,15 @@ def _forward_cuda(
 
 
 def _backward_cuda(
-    grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, stride, padding, dilation,
-    granularity, diagonal,
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    stride,
+    padding,
+    dilation,
+    granularity,
+    diagonal,
 ) -> tuple[Tensor, Tensor, Tensor]:
     ext = load_extension()
     if ext is None:
@@ -264,8 +278,15 @@ def bilinear_conv2d_custom_op(
             the argument and what was expected).
     """
     validate(
-        x, weight, M, None, geometry, granularity, diagonal,
-        granularities=CUSTOM_OP_GRANULARITIES, check_dtypes=True,
+        x,
+        weight,
+        M,
+        None,
+        geometry,
+        granularity,
+        diagonal,
+        granularities=CUSTOM_OP_GRANULARITIES,
+        check_dtypes=True,
     )
     stride, padding, dilation = ([int(v) for v in pair] for pair in geometry)
     arguments = (stride, padding, dilation, granularity, bool(diagonal))

@@ -29,6 +29,7 @@ CROP_PADDINGS = ("zeros", "symmetric")
 #: pixel values 0..255 as the NSL authors feed them (``tf.cast(uint8, float32)``).
 INPUT_SCALES = ("standardized", "raw_pixels")
 
+
 @dataclass(frozen=True)
 class ClassificationData:
     """A train and a test split of one image-classification dataset.
@@ -59,9 +60,7 @@ class ClassificationData:
         return (channels, height, width)
 
 
-def load_cifar(
-    root: str | Path | None, dataset: str, *, strict: bool = True
-) -> ClassificationData:
+def load_cifar(root: str | Path | None, dataset: str, *, strict: bool = True) -> ClassificationData:
     """CIFAR-10 or CIFAR-100 (train 50k, test 10k) from the python pickles under ``root``
     (see :func:`read_cifar_split` for ``strict``)."""
     if root is None:
@@ -108,8 +107,12 @@ def load_synthetic(
     """
     from episodes import build_split
 
-    for field, value in (("num_classes", num_classes), ("train_per_class", train_per_class),
-                         ("test_per_class", test_per_class), ("image_size", image_size)):
+    for field, value in (
+        ("num_classes", num_classes),
+        ("train_per_class", train_per_class),
+        ("test_per_class", test_per_class),
+        ("image_size", image_size),
+    ):
         if int(value) < 1:
             raise ValueError(f"data.options.{field} must be a positive integer, got {value!r}")
     split = build_split(

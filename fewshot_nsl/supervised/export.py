@@ -62,8 +62,9 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any
     payload = load_checkpoint(checkpoint)
     config = payload["config"]
     data = config.get("data", {}) if isinstance(config, Mapping) else {}
-    missing = [key for key in ("num_classes", "image_shape", "mean", "std")
-               if data.get(key) is None]
+    missing = [
+        key for key in ("num_classes", "image_shape", "mean", "std") if data.get(key) is None
+    ]
     if missing or "head" not in config.get("model", {}):
         raise ValueError(
             f"{str(checkpoint)!r} is not a train-supervised checkpoint (its config lacks "

@@ -75,8 +75,11 @@ def model_from_config(config: Mapping[str, Any]) -> SupervisedNet:
     data = config["data"]
     if data.get("num_classes") is None or data.get("image_shape") is None:
         raise ValueError("config data.num_classes and data.image_shape must be filled in")
-    return build_model(config["model"], image_shape=tuple(data["image_shape"]),
-                       num_classes=int(data["num_classes"]))
+    return build_model(
+        config["model"],
+        image_shape=tuple(data["image_shape"]),
+        num_classes=int(data["num_classes"]),
+    )
 
 
 def plain_twin_config(model: Mapping[str, Any]) -> dict[str, Any]:
