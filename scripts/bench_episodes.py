@@ -15,16 +15,15 @@ loaded beyond its core count is refused (``--allow-loaded`` runs it, flagged).
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchtools import load_guard, load_report, median_range
 from PIL import Image
 
 from episodes import EpisodeSampler, load_cache, prepare_mini_imagenet
@@ -90,26 +89,6 @@ def learnability(steps: list[int]) -> None:
                 f"{report.test_accuracy:.3f} (train {report.train_accuracy_last:.3f}; "
                 f"{time.perf_counter() - start:.0f} s wall)"
             )
-
-
-def load_guard(allow_loaded: bool) -> tuple[float, int]:
-    """The 1-minute load average and core count; refuse (exit non-zero) a run on a loaded machine
-    unless ``allow_loaded``, then every figure is flagged as taken under load."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    print(f"load average (1 min) before: {load:.2f} on {cores} cores")
-    if load > cores:
-        message = (
-            f"the machine is loaded (1-minute load {load:.2f} > {cores} cores): wall-clock "
-            "rates would measure the other jobs, not the sampler"
-        )
-        if not allow_loaded:
-            raise SystemExit(f"REFUSED: {message}. Wait for an idle machine or pass --allow-loaded")
-        print(f"!!! WARNING: {message}. Every figure below is INVALID as an idle-core number !!!")
-    return load, cores
-
-
-def median_range(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def main() -> None:
@@ -205,11 +184,8 @@ def main() -> None:
             ):
                 ratios = [x / y for x, y in zip(rates[a], rates[b])]
                 print(f"  {a} / {b}: {median_range(ratios)}")
-        after = os.getloadavg()[0]
         print(f"\nwall-clock time of the measurements: {time.perf_counter() - wall_start:.1f} s")
-        print(f"load average (1 min) after: {after:.2f} (before: {load:.2f}, {cores} cores)")
-        if max(load, after) > cores:
-            print("!!! the machine was loaded during this run: figures are not idle-core rates !!!")
+        load_report(load, cores)
 
 
 if __name__ == "__main__":
