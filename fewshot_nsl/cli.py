@@ -335,6 +335,25 @@ def shipped_configs() -> list[Path]:
     return list(seen)
 
 
+def reference_lines(path: Path) -> list[str]:
+    """What config ``path`` reproduces, from its ``reference:`` block: the ``reproduces`` and
+    ``published`` lines and the number of deviations (``[]`` without a block)."""
+    import yaml
+
+    try:
+        reference = (yaml.safe_load(path.read_text()) or {}).get("reference")
+    except (OSError, yaml.YAMLError) as error:
+        return [f"(unreadable: {error})"]
+    if not isinstance(reference, Mapping):
+        return []
+    deviations = reference.get("deviations") or []
+    return [
+        f"reproduces: {reference.get('reproduces')}",
+        f"published: {reference.get('published') or 'none'}; {len(deviations)} deviation(s) "
+        "listed in the file",
+    ]
+
+
 def command_list(args: argparse.Namespace) -> int:
     from episodes import list_datasets
     from fewshot_nsl.backbones import list_backbones
@@ -344,12 +363,17 @@ def command_list(args: argparse.Namespace) -> int:
         "datasets": list_datasets,
         "backbones": list_backbones,
         "learners": list_learners,
-        "configs": lambda: [os.path.relpath(path) for path in shipped_configs()],
+        "configs": shipped_configs,
     }
     for what in [args.what] if args.what else listings:
         print(f"{what}:")
         for item in listings[what]():
-            print(f"  {item}")
+            if isinstance(item, Path):  # a config: its path, then what it reproduces
+                print(f"  {os.path.relpath(item)}")
+                for line in reference_lines(item):
+                    print(f"      {line}")
+            else:
+                print(f"  {item}")
     return 0
 
 

@@ -18,7 +18,8 @@ training inputs             built after the model (samplers, batch streams)     
 one optimiser step          zero_grad → task → ``optimizer.step`` → schedule step  ``gradient_step``
 logging                     window means every ``log_every`` steps, progress bar
 evaluation cadence          every ``eval_every`` steps and (``final_evaluation``)   ``evaluate``
-                            at the last step; keeps the best (``best.pt``)
+                            at the last step; keeps the best (``best.pt``); stops
+                            early when the evaluation says so (``Evaluation.stop``)
 checkpoints                 ``last.pt`` every ``checkpoint_every`` and at the end
 run directory               :meth:`Engine.open_run`: start fresh / resume / refuse
 results                     ``results.json``                                        ``finish``
@@ -424,7 +425,9 @@ class Engine(ABC):
                     or (train["checkpoint_every"] and self.step % train["checkpoint_every"] == 0)
                 ):
                     self.save(LAST)
-                if stop:
+                if stop:  # early stopping: log the unfinished window, then finish
+                    if window:
+                        self._log_window(window, started, first, bar)
                     break
 
     def _log_window(

@@ -137,7 +137,8 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> Learner:
 
 def train_transform(config: Mapping[str, Any], split: ImageSplit) -> Callable | None:
     """Augmentation of training episodes (``data.augment``): pad-by-1/8 random crop and
-    horizontal flip, then the split's normalisation; ``None`` (= normalisation only) when off.
+    horizontal flip, then the split's normalisation (``ImageSplit.normalization``: its
+    ``data.options.normalize`` mode); ``None`` (= normalisation only) when off.
     Drawn from each episode's own generator, so it is part of the episode's pure function."""
     if not config["data"]["augment"]:
         return None
@@ -146,7 +147,7 @@ def train_transform(config: Mapping[str, Any], split: ImageSplit) -> Callable | 
         [
             RandomCrop((height, width), padding=max(1, height // 8)),
             RandomHorizontalFlip(),
-            Normalize(split.mean, split.std),
+            Normalize(*split.normalization),
         ]
     )
 

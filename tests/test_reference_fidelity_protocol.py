@@ -216,3 +216,23 @@ def test_eval_refuses_another_way_for_a_way_sized_head(tmp_path: Path, capsys) -
     MetaTrainer(tiny_config("train.steps=1"), out, quiet=True).fit()
     assert main(["eval", "--checkpoint", str(out / "best.pt"), "--way", "2"]) == 2
     assert "--way 2" in capsys.readouterr().err
+
+
+# -- pixels as the reference scales them --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, scale, bias", [("unit", 1 / 255, 0.0), ("unit_inverted", -1 / 255, 1)]
+)
+def test_augmented_training_episodes_keep_the_pixel_scaling(mode: str, scale, bias) -> None:
+    """With ``data.augment`` the training transform ends with the split's own scaling (not the
+    mean/std one): ``x/255`` (cbfinn/maml Mini-ImageNet), ``1 - x/255`` (its Omniglot)."""
+    from fewshot_nsl.runner import load_split, train_transform
+
+    config = tiny_config("data.augment=true", f"data.options.normalize={mode}")
+    split = load_split(config, "train")
+    transform = train_transform(config, split)
+    white = torch.full((1, *split.image_shape), 1.0)  # [0, 1] float, as the sampler hands over
+    pad = split.image_shape[1] // 8  # the crop's zero border lies within `pad` of the edge
+    inner = transform(white, torch.Generator().manual_seed(0))[..., pad:-pad, pad:-pad]
+    torch.testing.assert_close(inner, torch.full_like(inner, 255 * scale + bias))
