@@ -50,6 +50,7 @@ def result_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "backbone": results["backbone"],
                 "way": test["way"],
                 "shot": int(shot),
+                "query": test["query"],
                 "accuracy": f"{100 * test['mean']:.2f} ± {100 * test['ci95']:.2f}",
                 "episodes": test["episodes"],
             }
@@ -80,8 +81,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 
 def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The results of a run directory that already finished ``train.steps`` steps with this
-    config (else None); a checkpoint of another config is an error, as when resuming."""
+    """The results of a run directory that already finished ``train.steps`` steps (or stopped
+    early) with this config (else None); a checkpoint of another config is an error, as when
+    resuming."""
     from fewshot_nsl.checkpoint import load_checkpoint
     from fewshot_nsl.engine import check_resumable
     from fewshot_nsl.runner import RESUMABLE_CHANGES
@@ -90,7 +92,7 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
-    if results.get("steps") != config["train"]["steps"]:
+    if results.get("steps") != config["train"]["steps"] and not results.get("stopped_early"):
         return None
     last = run_dir / "last.pt"
     saved = normalized_config(load_checkpoint(last)["config"], FEWSHOT_DEFAULTS)
@@ -212,6 +214,13 @@ def command_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     path = Path(args.checkpoint)
     learner, config, split = _loaded_learner(path, device)
+    protocol = {"test_query": args.query, "test_way": args.way}  # the other protocol, if asked
+    config["episodes"].update({key: value for key, value in protocol.items() if value})
+    if args.way and args.way != config["episodes"]["way"] and not learner.any_way:
+        raise ConfigError(
+            f"--way {args.way}: learner {config['learner']['name']!r} has a "
+            f"{config['episodes']['way']}-way head; it can only be tested at that way"
+        )
     if config["train"]["threads"] is not None:  # as the run itself was evaluated
         torch.set_num_threads(config["train"]["threads"])
     episodes = config["episodes"]
@@ -260,6 +269,7 @@ def command_eval(args: argparse.Namespace) -> int:
                     "backbone": model_config["model"]["backbone"],
                     "way": result.way,
                     "shot": shot,
+                    "query": result.query,
                     "accuracy": summary.format(),
                     "episodes": summary.n,
                 }
@@ -325,6 +335,25 @@ def shipped_configs() -> list[Path]:
     return list(seen)
 
 
+def reference_lines(path: Path) -> list[str]:
+    """What config ``path`` reproduces, from its ``reference:`` block: the ``reproduces`` and
+    ``published`` lines and the number of deviations (``[]`` without a block)."""
+    import yaml
+
+    try:
+        reference = (yaml.safe_load(path.read_text()) or {}).get("reference")
+    except (OSError, yaml.YAMLError) as error:
+        return [f"(unreadable: {error})"]
+    if not isinstance(reference, Mapping):
+        return []
+    deviations = reference.get("deviations") or []
+    return [
+        f"reproduces: {reference.get('reproduces')}",
+        f"published: {reference.get('published') or 'none'}; {len(deviations)} deviation(s) "
+        "listed in the file",
+    ]
+
+
 def command_list(args: argparse.Namespace) -> int:
     from episodes import list_datasets
     from fewshot_nsl.backbones import list_backbones
@@ -334,12 +363,17 @@ def command_list(args: argparse.Namespace) -> int:
         "datasets": list_datasets,
         "backbones": list_backbones,
         "learners": list_learners,
-        "configs": lambda: [os.path.relpath(path) for path in shipped_configs()],
+        "configs": shipped_configs,
     }
     for what in [args.what] if args.what else listings:
         print(f"{what}:")
         for item in listings[what]():
-            print(f"  {item}")
+            if isinstance(item, Path):  # a config: its path, then what it reproduces
+                print(f"  {os.path.relpath(item)}")
+                for line in reference_lines(item):
+                    print(f"      {line}")
+            else:
+                print(f"  {item}")
     return 0
 
 
@@ -382,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--episodes",
         type=int,
         help="test episodes per shot (default: the config's episodes.test_episodes)",
+    )
+    evaluate.add_argument(
+        "--query",
+        type=int,
+        help="queries per class of the test episodes (default: the config's "
+        "episodes.test_query; e.g. the shot for MAML's reference protocol, 15 for the common one)",
+    )
+    evaluate.add_argument(
+        "--way",
+        type=int,
+        help="way of the test episodes (default: episodes.test_way, else episodes.way; "
+        "learners without a way-sized head only)",
     )
     evaluate.add_argument(
         "--manifest",

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from episodes import EpisodeSampler, ImageSplit, load_manifest
@@ -20,7 +21,27 @@ from episodes.sampler import EpisodeSource
 from fewshot_nsl.learners import Learner
 from fewshot_nsl.stats import MeanCI, mean_ci
 
-__all__ = ["EvalResult", "evaluate_episodes", "evaluate_shots", "test_source"]
+__all__ = [
+    "EvalResult",
+    "evaluate_episodes",
+    "evaluate_shots",
+    "test_source",
+    "test_way",
+    "val_query",
+]
+
+
+def test_way(config: Mapping[str, Any]) -> int:
+    """Way of the validation and test episodes: ``episodes.test_way``, else ``episodes.way``."""
+    episodes = config["episodes"]
+    return episodes.get("test_way") or episodes["way"]
+
+
+def val_query(config: Mapping[str, Any]) -> int:
+    """Queries per class of the validation episodes: ``episodes.val_query``, else
+    ``episodes.query``."""
+    episodes = config["episodes"]
+    return episodes.get("val_query") or episodes["query"]
 
 
 def evaluate_episodes(
@@ -29,13 +50,16 @@ def evaluate_episodes(
     indices: Sequence[int],
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    losses: np.ndarray | None = None,
 ) -> np.ndarray:
     """Query accuracy of ``learner`` on episodes ``source.episode(i)``, ``i in indices``.
 
     The learner is put in eval mode (MAML uses ``inner_steps_eval``) and restored afterwards;
     no meta-gradient graph is built. Returns float64 ``(len(indices),)`` in index order.
-    ``progress(n)`` is called after each episode. Any subset of indices can be scored on its
-    own, so evaluation shards over ranks by splitting ``indices``.
+    ``progress(n)`` is called after each episode. When ``losses`` (float64
+    ``(len(indices),)``) is given, it receives each episode's mean query cross-entropy (the
+    validation loss that ``train.select_by: val_loss`` watches). Any subset of indices can be
+    scored on its own, so evaluation shards over ranks by splitting ``indices``.
     """
     was_training = learner.training
     learner.eval()
@@ -48,6 +72,8 @@ def evaluate_episodes(
                 logits = learner.predict(state, episode.query_x)
                 correct = (logits.argmax(dim=-1) == episode.query_y).double().mean()
                 accuracies[position] = float(correct)
+                if losses is not None:
+                    losses[position] = float(F.cross_entropy(logits, episode.query_y))
                 if progress is not None:
                     progress(1)
     finally:
@@ -65,17 +91,17 @@ def test_source(
     """The frozen test episodes of ``shot``: ``(source, num_episodes, description)``.
 
     From a manifest when given (``{shot}`` in the path is replaced by the shot; all its
-    episodes are used), else ``EpisodeSampler(split, way, shot, test_query,
+    episodes are used), else ``EpisodeSampler(split, test_way, shot, test_query,
     seed=episodes.eval_seed)`` — the same episodes for every model evaluated on this data.
     """
     episodes = config["episodes"]
     if manifest:
         path = manifest.format(shot=shot)
-        source = load_manifest(path, split, way=episodes["way"], shot=shot)
+        source = load_manifest(path, split, way=test_way(config), shot=shot)
         return source, len(source), f"manifest {path}"
     sampler = EpisodeSampler(
         split,
-        episodes["way"],
+        test_way(config),
         shot,
         episodes["test_query"],
         seed=episodes["eval_seed"],
@@ -138,5 +164,5 @@ def evaluate_shots(
             local = evaluate_episodes(learner, source, mine, device, progress=bar.update)
         accuracies = gather(local, indices) if gather is not None else local
         query = config["episodes"]["test_query"] if not manifest else source.episode(0).query
-        results[shot] = EvalResult(config["episodes"]["way"], shot, query, accuracies, description)
+        results[shot] = EvalResult(test_way(config), shot, query, accuracies, description)
     return results

@@ -28,12 +28,20 @@ from fewshot_nsl.model_config import check_backbone, check_conv
 
 __all__ = [
     "FEWSHOT_DEFAULTS",
+    "GRAD_CLIP_MODES",
     "LR_SCHEDULES",
+    "SELECTION_METRICS",
     "load_fewshot_config",
     "resolve_fewshot_config",
 ]
 
 LR_SCHEDULES = ("constant", "cosine", "step")
+#: How ``train.grad_clip`` clips the meta-gradient: its global L2 norm
+#: (``clip_grad_norm_``), or every element to ``[-c, c]`` (``clip_grad_value_``; cbfinn/maml's
+#: ``tf.clip_by_value(grad, -10, 10)`` on Mini-ImageNet).
+GRAD_CLIP_MODES = ("norm", "value")
+#: The validation metric that chooses ``best.pt`` (and that ``train.patience`` watches).
+SELECTION_METRICS = ("val_accuracy", "val_loss")
 
 
 def _datasets() -> list[str]:
@@ -95,6 +103,11 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "test_episodes": Field(600, check=positive_int),
         "test_shots": Field([1, 5], check=_shot_list),
         "test_query": Field(15, check=positive_int),
+        # Way of the validation and test episodes (null: episodes.way). ProtoNet's reference
+        # trains with more ways than it tests (30/20/60-way training, 5-way test).
+        "test_way": Field(None, types=(int, None), check=positive_int),
+        # Queries per class of the validation episodes (null: episodes.query).
+        "val_query": Field(None, types=(int, None), check=positive_int),
         "eval_seed": Field(0, check=non_negative_int),
         "manifest": Field(None, types=(str, None)),
     },
@@ -111,6 +124,11 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "lr_milestones": Field([], check=milestones),
         "lr_gamma": 0.1,
         "grad_clip": Field(None, types=(float, None)),
+        "grad_clip_mode": Field("norm", choices=GRAD_CLIP_MODES),
+        "select_by": Field("val_accuracy", choices=SELECTION_METRICS),
+        # Early stopping: stop once more than this many validations in a row brought no new
+        # best (null: never; jakesnell/prototypical-networks: patience 200, `wait > patience`).
+        "patience": Field(None, types=(int, None), check=non_negative_int),
         "val_every": Field(1000, check=non_negative_int),
         "checkpoint_every": Field(1000, check=non_negative_int),
         "log_every": Field(50, check=positive_int),

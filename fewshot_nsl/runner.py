@@ -33,6 +33,7 @@ Distributed seam (torch.distributed is added on top of this, in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,14 @@ from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontal
 from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
-from fewshot_nsl.evaluation import EvalResult, evaluate_episodes, evaluate_shots, test_source
+from fewshot_nsl.evaluation import (
+    EvalResult,
+    evaluate_episodes,
+    evaluate_shots,
+    test_source,
+    test_way,
+    val_query,
+)
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS
 from fewshot_nsl.learners import Learner, build_learner
 from fewshot_nsl.stats import MeanCI, mean_ci
@@ -109,17 +117,28 @@ def load_split(config: Mapping[str, Any], split: str) -> ImageSplit:
 
 def build_model(config: Mapping[str, Any], in_channels: int) -> Learner:
     """The learner of ``config`` (``learner`` and ``model`` sections) for ``in_channels``-channel
-    images, its errors reported as :class:`ConfigError`."""
+    images, its errors reported as :class:`ConfigError` (also a ``episodes.test_way`` that the
+    learner cannot adapt to: one with a way-sized head, as MAML)."""
+    way = config["episodes"]["way"]
     try:
-        way = config["episodes"]["way"]
-        return build_learner(config["learner"], config["model"], in_channels=in_channels, way=way)
+        learner = build_learner(
+            config["learner"], config["model"], in_channels=in_channels, way=way
+        )
     except (ValueError, TypeError) as error:
         raise ConfigError(f"learner/model: {error}") from error
+    if test_way(config) != way and not learner.any_way:
+        raise ConfigError(
+            f"episodes.test_way: {test_way(config)} differs from episodes.way {way}, but learner "
+            f"{config['learner']['name']!r} has a {way}-way head; it can only test at its "
+            "training way"
+        )
+    return learner
 
 
 def train_transform(config: Mapping[str, Any], split: ImageSplit) -> Callable | None:
     """Augmentation of training episodes (``data.augment``): pad-by-1/8 random crop and
-    horizontal flip, then the split's normalisation; ``None`` (= normalisation only) when off.
+    horizontal flip, then the split's normalisation (``ImageSplit.normalization``: its
+    ``data.options.normalize`` mode); ``None`` (= normalisation only) when off.
     Drawn from each episode's own generator, so it is part of the episode's pure function."""
     if not config["data"]["augment"]:
         return None
@@ -128,7 +147,7 @@ def train_transform(config: Mapping[str, Any], split: ImageSplit) -> Callable | 
         [
             RandomCrop((height, width), padding=max(1, height // 8)),
             RandomHorizontalFlip(),
-            Normalize(split.mean, split.std),
+            Normalize(*split.normalization),
         ]
     )
 
@@ -235,11 +254,11 @@ class MetaTrainer(Engine):
         )
         self.val_sampler = None
         if episodes["val_episodes"] > 0 and config["train"]["val_every"] > 0:
-            self.val_sampler = EpisodeSampler(
+            self.val_sampler = EpisodeSampler(  # at the test way: the protocol that is reported
                 self.split("val"),
-                episodes["way"],
+                test_way(config),
                 episodes["shot"],
-                episodes["query"],
+                val_query(config),
                 seed=episodes["eval_seed"],
                 num_episodes=episodes["val_episodes"],
             )
@@ -278,7 +297,10 @@ class MetaTrainer(Engine):
         self.reduce_gradients()
         grad_clip = self.config["train"]["grad_clip"]
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.learner.parameters(), grad_clip)
+            if self.config["train"]["grad_clip_mode"] == "value":  # each element to ±grad_clip
+                torch.nn.utils.clip_grad_value_(self.learner.parameters(), grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.learner.parameters(), grad_clip)
         return {"loss": total_loss / len(tasks), "accuracy": total_accuracy / len(tasks)}
 
     def meta_step(self, step: int) -> tuple[float, float]:
@@ -287,25 +309,39 @@ class MetaTrainer(Engine):
         metrics = self.step_once(step)
         return metrics["loss"], metrics["accuracy"]
 
-    def validate(self) -> MeanCI:
-        """Accuracy on the fixed validation episodes."""
+    def validate(self) -> tuple[MeanCI, float]:
+        """Accuracy and mean query cross-entropy on the fixed validation episodes."""
         assert self.learner is not None and self.val_sampler is not None
         indices = list(range(len(self.val_sampler)))
-        local = evaluate_episodes(self.learner, self.val_sampler, self.shard(indices), self.device)
-        return mean_ci(self.gather(local, indices))
+        mine = self.shard(indices)
+        losses = np.empty(len(mine), dtype=np.float64)
+        local = evaluate_episodes(self.learner, self.val_sampler, mine, self.device, losses=losses)
+        return mean_ci(self.gather(local, indices)), float(self.gather(losses, indices).mean())
 
     def evaluate(self, step: int) -> Evaluation:
-        summary = self.validate()
-        improved = self.best is None or summary.mean > self.best["accuracy"]
-        message = f"[{self.config['name']}] step {step} val acc {summary.format()}" + (
-            " (best)" if improved else ""
+        summary, loss = self.validate()
+        train = self.config["train"]
+        if train["select_by"] == "val_loss":
+            improved = self.best is None or loss < self.best.get("loss", math.inf)
+        else:
+            improved = self.best is None or summary.mean > self.best["accuracy"]
+        best_step = step if improved else self.best["step"]  # type: ignore[index]
+        # Early stopping as the ProtoNet reference: stop once the validations since the best
+        # one (derived from the steps, so a resumed run counts the same) exceed the patience.
+        since_best = (step - best_step) // max(1, train["val_every"])
+        stop = train["patience"] is not None and since_best > train["patience"]
+        message = (
+            f"[{self.config['name']}] step {step} val acc {summary.format()} loss {loss:.4f}"
+            + (" (best)" if improved else "")
+            + (f"; stopping: {since_best} validations without a new best" if stop else "")
         )
         return Evaluation(
-            values={"accuracy": summary.mean, "ci95": summary.ci95, "best": improved},
+            values={"accuracy": summary.mean, "ci95": summary.ci95, "loss": loss, "best": improved},
             message=message,
-            best={"step": step, "accuracy": summary.mean, "ci95": summary.ci95}
+            best={"step": step, "accuracy": summary.mean, "ci95": summary.ci95, "loss": loss}
             if improved
             else None,
+            stop=stop,
         )
 
     # -- results -----------------------------------------------------------------------------
@@ -347,8 +383,10 @@ class MetaTrainer(Engine):
             "conv": config["model"]["conv"],
             "bn": getattr(self.learner, "bn", None),
             "way": config["episodes"]["way"],
+            "test_way": test_way(config),
             "train_shot": config["episodes"]["shot"],
             "steps": self.step,
+            "stopped_early": self.step < self.total_steps,
             "best": self.best,
             "tested": "best.pt" if self.best is not None else "final weights",
             "data": self.fingerprints(),

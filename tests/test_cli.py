@@ -237,6 +237,19 @@ def test_list(capsys) -> None:
         "quickstart.yaml",
     ):
         assert item in stdout
+    # each config with what it reproduces (its reference block), briefly
+    configs = run_cli(capsys, "list", "configs")[1].splitlines()
+    at = next(
+        i
+        for i, line in enumerate(configs)
+        if line.endswith("maml_conv4_miniimagenet_1shot_reference.yaml")
+    )
+    assert configs[at + 1].strip() == (
+        "reproduces: MAML, MiniImagenet 5-way 1-shot, as main.py's command line and the "
+        "reference graph"
+    )
+    assert configs[at + 2].strip().startswith("published: 48.70 ± 1.84 %")
+    assert configs[at + 2].strip().endswith("; 0 deviation(s) listed in the file")
     assert run_cli(capsys, "list", "learners")[1].split() == [
         "learners:",
         "dynamic_nsn",

@@ -26,9 +26,9 @@ def build_split(
       decoded on the fly (options as for :func:`prepare_dataset`; ``strict`` defaults to False
       here). The split's ``mean``/``std`` are always the train split's.
 
-    ``normalize="mean_std" | "unit"`` (any dataset, also a cache) sets how the default
-    transform scales pixels (:attr:`~episodes.ImageSplit.normalization`); the data and its
-    fingerprint do not change.
+    ``normalize="mean_std" | "unit" | "unit_inverted"`` (any dataset, also a cache) sets how
+    the default transform scales pixels (:attr:`~episodes.ImageSplit.normalization`); the
+    data and its fingerprint do not change.
     """
     normalize = options.pop("normalize", "mean_std")
     split_data = _build_split(name, split, root, options)
