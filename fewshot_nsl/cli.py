@@ -40,8 +40,14 @@ CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "co
 # -- tables ------------------------------------------------------------------------------
 
 
+#: The columns of the printed result table (the rows hold more: see :func:`result_rows`).
+TABLE_COLUMNS = ("method", "backbone", "way", "shot", "accuracy", "episodes")
+
+
 def result_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Table rows (one per test shot) of a ``results.json`` payload."""
+    """Rows (one per test shot) of a ``results.json`` payload: the numbers (``mean``,
+    ``ci95`` as fractions, ``episodes``, ``query`` per class) and ``accuracy``, the same as a
+    human string in percent (``"73.99 ± 0.84"``)."""
     rows = []
     for shot, test in results["test"].items():
         rows.append(
@@ -50,7 +56,10 @@ def result_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "backbone": results["backbone"],
                 "way": test["way"],
                 "shot": int(shot),
+                "query": test["query"],
                 "accuracy": f"{100 * test['mean']:.2f} ± {100 * test['ci95']:.2f}",
+                "mean": test["mean"],
+                "ci95": test["ci95"],
                 "episodes": test["episodes"],
             }
         )
@@ -147,7 +156,7 @@ def command_train(args: argparse.Namespace) -> int:
 
     rows = [row for results in all_results for row in result_rows(results)]
     print()
-    print(format_table(rows))
+    print(format_table(rows, TABLE_COLUMNS))
     for (_, run), results in zip(iter_runs(config), all_results):  # the Lake runs: per run
         for block in report_from_results(run, results):
             print(f"\n{block}")
@@ -343,6 +352,34 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report ------------------------------------------------------------------------------
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from fewshot_nsl.report import build_report, find_runs, plot_available, write_new, write_report
+
+    runs, skipped = find_runs(args.run_dirs)
+    for path in skipped:
+        print(f"report: skipped {path} (not a few-shot run's results)", file=sys.stderr)
+    if not runs:
+        raise FileNotFoundError(f"report: no few-shot run (results.json) in {args.run_dirs}")
+    report = build_report(runs, args.baseline)
+    print(report.markdown())
+    written = []
+    if args.csv:
+        written.append(write_new(args.csv, report.csv().encode(), overwrite=args.overwrite))
+    if args.out:
+        written += write_report(report, args.out, overwrite=args.overwrite)
+        if not plot_available():
+            print(
+                "report: no figures (matplotlib is not installed: pip install 'fewshot-nsl[plot]')",
+                file=sys.stderr,
+            )
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 # -- parser and entry point --------------------------------------------------------------
 
 
@@ -443,6 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
         "what", nargs="?", choices=("datasets", "backbones", "learners", "configs")
     )
     listing.set_defaults(handler=command_list)
+
+    report = commands.add_parser(
+        "report", help="one table (and figures) of every run in folders, seeds grouped"
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding runs")
+    report.add_argument(
+        "--baseline", metavar="NAME", help="paired differences against the runs named NAME"
+    )
+    report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    report.add_argument(
+        "--out", metavar="DIR", help="write report.md, report.csv and PNG figures in DIR"
+    )
+    report.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    report.set_defaults(handler=command_report)
 
     register_supervised_cli(commands)  # train-supervised, export (CIFAR experiments)
     return parser
