@@ -2,7 +2,8 @@
 
 A *run* is a folder with a few-shot ``results.json`` (written by ``train``), next to its
 ``config.yaml`` and ``metrics.jsonl``. Runs whose configs differ only by ``train.seed``
-(``train --seeds``: ``RUN/seed-S``) form one *group*, reported on one row per test shot:
+(``train --seeds``: ``RUN/seed-S``, :func:`fewshot_nsl.fewshot_config.iter_seed_runs`) form
+one *group*, reported on one row per test shot:
 
 * ``accuracy ± 95% CI``: over test episodes, of the per-episode accuracies averaged over
   the group's seeds (one seed: the run's own ``results.json`` numbers). It measures how much
@@ -34,6 +35,7 @@ import numpy as np
 import yaml
 
 from episodes.fileio import atomic_write
+from fewshot_nsl.evaluation import stored_accuracies
 from fewshot_nsl.stats import MeanCI, mean_ci, paired_difference
 
 __all__ = [
@@ -45,16 +47,10 @@ __all__ = [
     "find_runs",
     "group_runs",
     "plot_available",
-    "seed_run_dir",
 ]
 
 #: Config keys that may differ between runs of one group (the seed and where it was written).
 SEED_KEYS = ("seed", "seeds", "out_dir")
-
-
-def seed_run_dir(root: str | Path, seed: int) -> Path:
-    """The sub-directory of ``root`` holding the run of training seed ``seed`` (``seed-S``)."""
-    return Path(root) / f"seed-{seed}"
 
 
 @dataclass
@@ -71,7 +67,9 @@ class Run:
 
     @property
     def seed(self) -> int | None:
-        return self.config.get("train", {}).get("seed")
+        """The training seed (``results.json``; ``config.yaml`` for runs made before)."""
+        seed = self.results.get("seed", self.config.get("train", {}).get("seed"))
+        return None if seed is None else int(seed)
 
     def metrics(self) -> list[dict[str, Any]]:
         """The records of ``metrics.jsonl`` (a torn last line, from a kill, is skipped)."""
@@ -157,10 +155,12 @@ class RunGroup:
 
     def accuracies(self, shot: str) -> np.ndarray:
         """Per-episode accuracies of ``shot``, averaged over the seeds: ``(episodes,)``."""
-        return np.mean(
-            [np.asarray(run.results["test"][shot]["accuracies"], np.float64) for run in self.runs],
-            axis=0,
-        )
+        return np.mean([self.seed_accuracies(run, shot) for run in self.runs], axis=0)
+
+    @staticmethod
+    def seed_accuracies(run: Run, shot: str) -> np.ndarray:
+        """Per-episode accuracies of ``shot`` of one run, as scored (``(episodes,)``)."""
+        return stored_accuracies(run.results["test"][shot])
 
     def episodes_key(self, shot: str) -> tuple[Any, ...]:
         """What makes two rows' test episodes the same (only then are they paired)."""
@@ -261,7 +261,7 @@ def _rows(group: RunGroup) -> list[tuple[ReportRow, tuple[Any, ...], np.ndarray]
     for shot in group.shots:
         test = run.results["test"][shot]
         accuracies = group.accuracies(shot)
-        seed_means = [float(np.mean(r.results["test"][shot]["accuracies"])) for r in group.runs]
+        seed_means = [float(np.mean(group.seed_accuracies(r, shot))) for r in group.runs]
         row = ReportRow(
             method=group.name,
             learner=str(config.get("learner", {}).get("name", run.results.get("method", ""))),

@@ -349,6 +349,7 @@ class MetaTrainer(Engine):
             "way": config["episodes"]["way"],
             "train_shot": config["episodes"]["shot"],
             "steps": self.step,
+            "seed": config["train"]["seed"],
             "best": self.best,
             "tested": "best.pt" if self.best is not None else "final weights",
             "data": self.fingerprints(),

@@ -8,12 +8,14 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from fewshot_nsl.cli import main
-from fewshot_nsl.report import build_report, find_runs, plot_available, seed_run_dir
+from fewshot_nsl.fewshot_config import seed_run_dir
+from fewshot_nsl.report import build_report, find_runs, plot_available
 
 TEST_DATA = "96871434335121b58fdbf836cee89225"
 
@@ -199,3 +201,91 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert main(["report", str(supervised)]) == 0
     _, stderr = capsys.readouterr()
     assert "skipped" in stderr and "not a few-shot run" in stderr
+
+
+TINY_YAML = """
+name: tiny
+data:
+  dataset: synthetic
+  options: {image_size: 16, images_per_class: 8, num_classes: {train: 10, val: 6, test: 6}}
+episodes: {way: 3, shot: 1, query: 2, tasks_per_batch: 2, val_episodes: 3, test_episodes: 4,
+           test_shots: [1], test_query: 2}
+model: {backbone: conv4, backbone_options: {filters: 4, image_size: 16}}
+learner: {name: maml, inner_steps: 1, inner_steps_eval: 1, inner_lr: 0.1}
+train: {steps: 2, val_every: 1, checkpoint_every: 1, log_every: 1, device: cpu, threads: 1}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
+
+
+@pytest.mark.slow
+def test_train_seeds_runs_per_seed_and_report_groups_them(
+    tiny: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "seeds"
+    assert (
+        main(["train", "--config", str(tiny), "--out", str(out), "--quiet", "--seeds", "0", "1"])
+        == 0
+    )
+    stdout = capsys.readouterr().out
+    assert "seed  method" in stdout  # the table has a seed column
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seeds"] == [0, 1]
+    results = {}
+    for seed in (0, 1):
+        folder = seed_run_dir(out, seed)
+        config = yaml.safe_load((folder / "config.yaml").read_text())["train"]
+        assert (config["seed"], config["seeds"], config["out_dir"]) == (seed, None, str(folder))
+        results[seed] = json.loads((folder / "results.json").read_text())
+        assert results[seed]["seed"] == seed and results[seed]["name"] == "tiny"
+    # A seed's run is the run of that train.seed, trained alone (same per-episode scores).
+    alone = tmp_path / "alone"
+    assert (
+        main(["train", "--config", str(tiny), "--out", str(alone), "--quiet", "train.seed=1"]) == 0
+    )
+    alone_results = json.loads((alone / "results.json").read_text())
+    assert alone_results["test"]["1"]["accuracies"] == results[1]["test"]["1"]["accuracies"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["seed"] for row in summary["rows"]] == [0, 1]
+    assert summary["runs"] == {f"tiny/seed-{s}": str(seed_run_dir(out, s)) for s in (0, 1)}
+
+    (row,) = build_report(find_runs([out])[0]).rows
+    means = [results[s]["test"]["1"]["mean"] for s in (0, 1)]
+    assert row.seeds == [0, 1]
+    assert row.over_seeds.mean == pytest.approx(sum(means) / 2)
+    assert row.over_seeds.std == pytest.approx(abs(means[0] - means[1]) / math.sqrt(2))
+
+    # Resuming the root folder finds both seeds finished; train.seeds=[] is refused.
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err.count("already finished") == 2
+    assert main(["train", "--config", str(tiny), "train.seeds=[1, 1]"]) == 2
+    assert "train.seeds: must not repeat a seed" in capsys.readouterr().err
+
+
+def test_stored_accuracies_are_the_scored_ones() -> None:
+    import numpy as np
+
+    from fewshot_nsl.evaluation import EvalResult, stored_accuracies
+
+    rng = np.random.default_rng(0)
+    for way, query in ((5, 15), (3, 2), (20, 1), (5, 97)):
+        scored = rng.integers(0, way * query + 1, size=50) / (way * query)
+        entry = EvalResult(way, 1, query, scored, "sampler seed 0").as_dict()
+        assert np.array_equal(stored_accuracies(entry), scored)  # 6 decimals, recovered exactly
+    # Values that are no k/(way·query) (hand-written, other query counts) are kept as stored.
+    entry = {"way": 5, "query": 15, "accuracies": [0.7, 0.5]}
+    assert stored_accuracies(entry).tolist() == [0.7, 0.5]
