@@ -27,7 +27,7 @@ import torch
 
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
-from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, load_fewshot_config
+from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, iter_seed_runs, load_fewshot_config
 from fewshot_nsl.lake_report import lake_run_report, report_from_results
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
@@ -40,18 +40,27 @@ CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "co
 # -- tables ------------------------------------------------------------------------------
 
 
+#: The columns of the printed result table (the rows hold more: see :func:`result_rows`).
+TABLE_COLUMNS = ("method", "backbone", "way", "shot", "query", "accuracy", "episodes")
+
+
 def result_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Table rows (one per test shot) of a ``results.json`` payload."""
+    """Rows (one per test shot) of a ``results.json`` payload: the numbers (``mean``,
+    ``ci95`` as fractions, ``episodes``, ``query`` per class) and ``accuracy``, the same as a
+    human string in percent (``"73.99 ± 0.84"``)."""
     rows = []
     for shot, test in results["test"].items():
         rows.append(
             {
                 "method": results["name"],
                 "backbone": results["backbone"],
+                "seed": results.get("seed"),
                 "way": test["way"],
                 "shot": int(shot),
                 "query": test["query"],
                 "accuracy": f"{100 * test['mean']:.2f} ± {100 * test['ci95']:.2f}",
+                "mean": test["mean"],
+                "ci95": test["ci95"],
                 "episodes": test["episodes"],
             }
         )
@@ -110,13 +119,19 @@ def command_train(args: argparse.Namespace) -> int:
     if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"--resume {resume_dir}: no config.yaml, not a run directory")
     config_path = Path(args.config) if args.config else resume_dir / "config.yaml"
-    config = load_fewshot_config(config_path, args.overrides)
+    overrides = list(args.overrides)
+    if args.seeds:  # the same as the override train.seeds=[...]
+        overrides.append(f"train.seeds={list(args.seeds)}")
+    config = load_fewshot_config(config_path, overrides)
     root = Path(args.out) if args.out else resume_dir or run_dir_for(config)
-    multi = bool(config.get("runs"))
-    if multi:
-        for name, run in config["runs"].items():
+    runs = config.get("runs") or {}
+    seeded = any(run["train"]["seeds"] for _, run in iter_runs(config))
+    multi = bool(runs) or seeded  # a root folder of several runs: its config and summary
+    if runs:
+        for name, run in runs.items():
             run["train"]["out_dir"] = str(root / name)
     config["train"]["out_dir"] = str(root)
+    single_runs = list(iter_seed_runs(config))  # train.seeds: one run per seed, OUT/seed-S
 
     # Under torchrun: join the process group (docs/distributed.md); alone: no process group.
     context = init_distributed(config["train"]["device"])
@@ -129,7 +144,7 @@ def command_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     all_results = []
-    for name, run in iter_runs(config):
+    for name, run in single_runs:
         out_dir = Path(run["train"]["out_dir"])
         done = _completed(out_dir, run) if resume_dir is not None else None
         done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
@@ -149,8 +164,8 @@ def command_train(args: argparse.Namespace) -> int:
 
     rows = [row for results in all_results for row in result_rows(results)]
     print()
-    print(format_table(rows))
-    for (_, run), results in zip(iter_runs(config), all_results):  # the Lake runs: per run
+    print(format_table(rows, ("seed", *TABLE_COLUMNS) if seeded else TABLE_COLUMNS))
+    for (_, run), results in zip(single_runs, all_results):  # the Lake runs: per run
         for block in report_from_results(run, results):
             print(f"\n{block}")
     print(f"\nwall time {wall_time:.0f} s; run directory {root}")
@@ -159,7 +174,7 @@ def command_train(args: argparse.Namespace) -> int:
             "config": str(config_path),
             "wall_time_s": round(wall_time, 1),
             "rows": rows,
-            "runs": {r["name"]: str(root / r["name"]) for r in all_results},
+            "runs": {name: run["train"]["out_dir"] for name, run in single_runs},
         }
         (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
@@ -377,6 +392,34 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report ------------------------------------------------------------------------------
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from fewshot_nsl.report import build_report, find_runs, plot_available, write_new, write_report
+
+    runs, skipped = find_runs(args.run_dirs)
+    for path in skipped:
+        print(f"report: skipped {path} (not a few-shot run's results)", file=sys.stderr)
+    if not runs:
+        raise FileNotFoundError(f"report: no few-shot run (results.json) in {args.run_dirs}")
+    report = build_report(runs, args.baseline)
+    print(report.markdown())
+    written = []
+    if args.csv:
+        written.append(write_new(args.csv, report.csv().encode(), overwrite=args.overwrite))
+    if args.out:
+        written += write_report(report, args.out, overwrite=args.overwrite)
+        if not plot_available():
+            print(
+                "report: no figures (matplotlib is not installed: pip install 'fewshot-nsl[plot]')",
+                file=sys.stderr,
+            )
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 # -- parser and entry point --------------------------------------------------------------
 
 
@@ -402,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="run directory (default train.out_dir or runs/NAME)"
     )
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="train each run once per seed, into OUT/seed-S (= train.seeds=[...]; give it "
+        "after the overrides)",
+    )
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("eval", help="test a checkpoint (mean ± 95%% CI)")
@@ -489,6 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
         "what", nargs="?", choices=("datasets", "backbones", "learners", "configs")
     )
     listing.set_defaults(handler=command_list)
+
+    report = commands.add_parser(
+        "report", help="one table (and figures) of every run in folders, seeds grouped"
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding runs")
+    report.add_argument(
+        "--baseline", metavar="NAME", help="paired differences against the runs named NAME"
+    )
+    report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    report.add_argument(
+        "--out", metavar="DIR", help="write report.md, report.csv and PNG figures in DIR"
+    )
+    report.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    report.set_defaults(handler=command_report)
 
     register_supervised_cli(commands)  # train-supervised, export (CIFAR experiments)
     return parser

@@ -25,10 +25,14 @@ __all__ = [
     "EvalResult",
     "evaluate_episodes",
     "evaluate_shots",
+    "stored_accuracies",
     "test_source",
     "test_way",
     "val_query",
 ]
+
+#: Decimals of the per-episode accuracies in ``results.json`` (:meth:`EvalResult.as_dict`).
+STORED_DECIMALS = 6
 
 
 def test_way(config: Mapping[str, Any]) -> int:
@@ -132,7 +136,7 @@ class EvalResult:
             "episodes": int(len(self.accuracies)),
             "source": self.source,
             **self.summary.as_dict(),
-            "accuracies": [round(float(a), 6) for a in self.accuracies],
+            "accuracies": [round(float(a), STORED_DECIMALS) for a in self.accuracies],
         }
 
 
@@ -166,3 +170,16 @@ def evaluate_shots(
         query = config["episodes"]["test_query"] if not manifest else source.episode(0).query
         results[shot] = EvalResult(test_way(config), shot, query, accuracies, description)
     return results
+
+
+def stored_accuracies(test: Mapping[str, Any]) -> np.ndarray:
+    """The per-episode accuracies of a ``results.json`` test entry (:meth:`EvalResult.as_dict`)
+    as float64 ``(episodes,)``, exactly as scored: an accuracy is ``k / (way · query)`` for
+    ``k`` correct queries, so the stored 6-decimal value gives ``k`` back (when every value
+    does; otherwise the stored values are returned as they are)."""
+    values = np.asarray(test["accuracies"], dtype=np.float64)
+    queries = int(test["way"]) * int(test["query"])
+    correct = np.round(values * queries)
+    if np.all(np.abs(correct / queries - values) <= 0.5 * 10.0**-STORED_DECIMALS + 1e-12):
+        return correct / queries
+    return values

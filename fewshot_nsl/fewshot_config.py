@@ -8,7 +8,8 @@ options are those of the named learner, typed like their defaults, all filled in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from fewshot_nsl.config import (
     Open,
     check_device,
     check_value,
+    iter_runs,
     load_config,
     milestones,
     non_negative_int,
@@ -31,8 +33,10 @@ __all__ = [
     "GRAD_CLIP_MODES",
     "LR_SCHEDULES",
     "SELECTION_METRICS",
+    "iter_seed_runs",
     "load_fewshot_config",
     "resolve_fewshot_config",
+    "seed_run_dir",
 ]
 
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -85,6 +89,16 @@ def _shot_list(value: list[Any]) -> list[int]:
     return [int(v) for v in value]
 
 
+def _seed_list(value: list[Any]) -> list[int]:
+    if not value or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ValueError(f"must be a non-empty list of ints >= 0, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"must not repeat a seed, got {value!r}")
+    return [int(v) for v in value]
+
+
 FEWSHOT_DEFAULTS: dict[str, Any] = {
     "name": Field(None, types=(str, None)),
     "reference": Open(),
@@ -133,6 +147,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "checkpoint_every": Field(1000, check=non_negative_int),
         "log_every": Field(50, check=positive_int),
         "seed": Field(0, check=non_negative_int),
+        "seeds": Field(None, types=(list, None), check=_seed_list),
         "device": Field("auto", check=check_device),
         "threads": Field(None, types=(int, None), check=positive_int),
         "out_dir": Field(None, types=(str, None)),
@@ -150,3 +165,28 @@ def resolve_fewshot_config(
 def load_fewshot_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """:func:`fewshot_nsl.config.load_config` with the few-shot schema."""
     return load_config(path, overrides, FEWSHOT_DEFAULTS)
+
+
+def seed_run_dir(root: str | Path, seed: int) -> Path:
+    """The folder of training seed ``seed``'s run inside ``root``: ``root/seed-S``."""
+    return Path(root) / f"seed-{seed}"
+
+
+def iter_seed_runs(config: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(name, config)`` of every single run to train: :func:`~fewshot_nsl.config.iter_runs`,
+    where a run with ``train.seeds`` becomes one run per seed ``S``: ``train.seed = S``,
+    ``train.seeds = None``, ``train.out_dir = OUT/seed-S`` (``OUT``: the run's
+    ``train.out_dir``, which must be set), named ``NAME/seed-S``; its ``name`` is kept, so
+    ``report`` groups the seeds under it."""
+    for name, run in iter_runs(config):
+        seeds = run["train"].get("seeds")
+        if not seeds:
+            yield name, run
+            continue
+        out_dir = run["train"]["out_dir"]
+        if out_dir is None:
+            raise ConfigError(f"{name}: train.seeds needs train.out_dir (or --out) to be set")
+        for seed in seeds:
+            seeded = copy.deepcopy(run)
+            seeded["train"].update(seed=seed, seeds=None, out_dir=str(seed_run_dir(out_dir, seed)))
+            yield f"{name}/seed-{seed}", seeded

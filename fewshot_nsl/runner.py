@@ -387,6 +387,7 @@ class MetaTrainer(Engine):
             "train_shot": config["episodes"]["shot"],
             "steps": self.step,
             "stopped_early": self.step < self.total_steps,
+            "seed": config["train"]["seed"],
             "best": self.best,
             "tested": "best.pt" if self.best is not None else "final weights",
             "data": self.fingerprints(),

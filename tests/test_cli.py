@@ -117,6 +117,14 @@ def test_multi_run_config_prints_one_table_and_resumes(tiny: Path, tmp_path: Pat
     assert (out / "plain" / "results.json").is_file() and (out / "static" / "best.pt").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert [row["method"] for row in summary["rows"]] == ["plain", "static"]
+    for row, name in zip(summary["rows"], ("plain", "static")):  # numbers, not "73.99 ± 0.84"
+        test = json.loads((out / name / "results.json").read_text())["test"]["1"]
+        assert (row["mean"], row["ci95"], row["episodes"], row["query"]) == (
+            test["mean"],
+            test["ci95"],
+            4,
+            2,
+        )
 
     # Resuming a finished multi-run directory reuses results; extending trains on.
     status, stdout, stderr = run_cli(
