@@ -46,7 +46,13 @@ from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontal
 from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
-from fewshot_nsl.evaluation import EvalResult, evaluate_episodes, evaluate_shots, test_source
+from fewshot_nsl.evaluation import (
+    EvalResult,
+    episode_progress,
+    evaluate_episodes,
+    evaluate_shots,
+    test_source,
+)
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS
 from fewshot_nsl.learners import Learner, build_learner
 from fewshot_nsl.stats import MeanCI, mean_ci
@@ -76,6 +82,10 @@ RESUMABLE_CHANGES = (
     "episodes.test_query",
     "episodes.manifest",
 )
+
+
+#: A validation prints progress lines in a log (no terminal) only this long after it began.
+VAL_LOG_AFTER_S = 30.0
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -291,7 +301,11 @@ class MetaTrainer(Engine):
         """Accuracy on the fixed validation episodes."""
         assert self.learner is not None and self.val_sampler is not None
         indices = list(range(len(self.val_sampler)))
-        local = evaluate_episodes(self.learner, self.val_sampler, self.shard(indices), self.device)
+        mine = self.shard(indices)
+        # Lines in a log only when a validation is long (a short one's result line follows).
+        desc = f"[{self.config['name']}] val"
+        with episode_progress(len(mine), desc, self.show_bar, self.say, VAL_LOG_AFTER_S) as update:
+            local = evaluate_episodes(self.learner, self.val_sampler, mine, self.device, update)
         return mean_ci(self.gather(local, indices))
 
     def evaluate(self, step: int) -> Evaluation:
@@ -335,6 +349,7 @@ class MetaTrainer(Engine):
             show_progress=self.show_bar,
             shard=self.shard,
             gather=self.gather,
+            log=self.say,
         )
 
     def results(self, tests: Mapping[int, EvalResult], wall_time_s: float) -> dict[str, Any]:
