@@ -482,8 +482,12 @@ def _stdout_closed() -> int:
     status of a command killed by SIGPIPE (141), stdout pointed at /dev/null so that Python's
     flush at exit does not print a traceback."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (replaced in-process): nothing to flush
+        pass
+    finally:
+        os.close(devnull)
     return 128 + signal.SIGPIPE
 
 

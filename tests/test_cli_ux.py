@@ -4,6 +4,7 @@ run on the terminal, and progress of the long evaluation phases."""
 
 from __future__ import annotations
 
+import io
 import shlex
 import subprocess
 import sys
@@ -70,6 +71,15 @@ def test_list_piped_into_head() -> None:
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert result.returncode in (0, 141), result.stderr
     assert result.stdout == "datasets:\n" and result.stderr == ""
+
+
+def test_a_closed_stdout_in_process_gives_status_141(monkeypatch) -> None:
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())  # no file descriptor to redirect
+    assert main(["list"]) == 141
 
 
 def test_list_configs_are_relative_to_the_configs_folder(capsys) -> None:
