@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fewshot_nsl import __version__
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, iter_seed_runs, load_fewshot_config
@@ -135,9 +137,7 @@ def command_train(args: argparse.Namespace) -> int:
 
     # Under torchrun: join the process group (docs/distributed.md); alone: no process group.
     context = init_distributed(config["train"]["device"])
-    if context.is_main:  # one copy of the output and of the files: rank 0's
-        print(f"# resolved config ({config_path})")
-        print(dump_config(config), end="", flush=True)
+    if context.is_main:  # one copy of the files: rank 0's (each run writes its config.yaml)
         root.mkdir(parents=True, exist_ok=True)
         if multi:
             dump_config(config, root / "config.yaml")
@@ -221,6 +221,15 @@ def _comparable(
         )
 
 
+def _eval_progress(quiet: bool) -> dict[str, Any]:
+    """How ``eval`` shows its progress (``evaluate_shots`` arguments): a bar on a terminal,
+    else a line to stderr every tenth of the episodes; nothing with ``--quiet``."""
+    return {
+        "show_progress": not quiet and sys.stderr.isatty(),
+        "log": None if quiet else lambda line: print(line, file=sys.stderr, flush=True),
+    }
+
+
 def command_eval(args: argparse.Namespace) -> int:
     from fewshot_nsl.engine import resolve_device
     from fewshot_nsl.evaluation import EvalResult, evaluate_shots
@@ -247,13 +256,12 @@ def command_eval(args: argparse.Namespace) -> int:
             f"--manifest {manifest}: one manifest holds one shot setting; give a single --shots "
             "value or a path with '{shot}' in it"
         )
-    show = not args.quiet and sys.stderr.isatty()
     evaluate = {
         "shots": shots,
         "num_episodes": num_episodes,
         "device": device,
         "manifest": manifest,
-        "show_progress": show,
+        **_eval_progress(args.quiet),
     }
     results_a = evaluate_shots(learner, config, split, **evaluate)
     models: list[tuple[str, dict[str, Any], dict[int, EvalResult]]] = [
@@ -264,7 +272,7 @@ def command_eval(args: argparse.Namespace) -> int:
         learner_b, config_b, split_b = _loaded_learner(path_b, device)
         _comparable(config, config_b, split, split_b, path_b)
         # Scored with A's config: the same episodes (seed, query, manifest) for both.
-        results_b = evaluate_shots(learner_b, config, split, **evaluate)
+        results_b = evaluate_shots(learner_b, config, split, label=config_b["name"], **evaluate)
         name_b = str(config_b["name"])
         if name_b == models[0][0]:
             name_b += f" ({path_b})"
@@ -340,14 +348,25 @@ def command_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def shipped_configs() -> list[Path]:
-    """YAML configs in ./configs and in the source checkout's configs/ (deduplicated)."""
-    seen: dict[Path, None] = {}
+def shipped_configs() -> dict[Path, list[str]]:
+    """YAML configs in ./configs and in the source checkout's configs/: ``{folder: file
+    names relative to it}``, a file found in both folders listed once."""
+    seen: set[Path] = set()
+    found: dict[Path, list[str]] = {}
     for folder in CONFIG_DIRS:
-        if folder.is_dir():
-            for path in sorted(folder.rglob("*.yaml")):
-                seen.setdefault(path.resolve(), None)
-    return list(seen)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*.yaml")):
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.setdefault(folder, []).append(path.relative_to(folder).as_posix())
+    return found
+
+
+def _shown_folder(folder: Path) -> str:
+    """``folder`` relative to the working directory when it is below it, else absolute."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
 
 
 def reference_lines(path: Path) -> list[str]:
@@ -374,20 +393,30 @@ def command_list(args: argparse.Namespace) -> int:
     from fewshot_nsl.backbones import list_backbones
     from fewshot_nsl.learners import list_learners
 
+    def configs() -> dict[str, list[str]]:
+        found = shipped_configs()
+        if not found:
+            return {"configs (none in ./configs)": []}
+        # Each config, then what it reproduces (its reference: block), indented below it.
+        return {
+            f"configs (in {_shown_folder(folder)})": [
+                line
+                for name in names
+                for line in [name, *(f"    {text}" for text in reference_lines(folder / name))]
+            ]
+            for folder, names in found.items()
+        }
+
     listings = {
-        "datasets": list_datasets,
-        "backbones": list_backbones,
-        "learners": list_learners,
-        "configs": shipped_configs,
+        "datasets": lambda: {"datasets": list_datasets()},
+        "backbones": lambda: {"backbones": list_backbones()},
+        "learners": lambda: {"learners": list_learners()},
+        "configs": configs,
     }
     for what in [args.what] if args.what else listings:
-        print(f"{what}:")
-        for item in listings[what]():
-            if isinstance(item, Path):  # a config: its path, then what it reproduces
-                print(f"  {os.path.relpath(item)}")
-                for line in reference_lines(item):
-                    print(f"      {line}")
-            else:
+        for heading, items in listings[what]().items():
+            print(f"{heading}:")
+            for item in items:
                 print(f"  {item}")
     return 0
 
@@ -428,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewshot-nsl", description="Few-shot learning with neural similarity learning."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="meta-train, validate and test from a config")
@@ -444,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--out", metavar="DIR", help="run directory (default train.out_dir or runs/NAME)"
     )
-    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument(
+        "--quiet", action="store_true", help="print only errors, one line per run and the results"
+    )
     train.add_argument(
         "--seeds",
         type=int,
@@ -495,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the results (default: eval_<checkpoint>.json next to the checkpoint)",
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar or lines")
     evaluate.set_defaults(handler=command_eval)
 
     prepare = commands.add_parser("prepare-data", help="convert a dataset into a cache folder")
@@ -559,11 +591,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fewshot-nsl list | head -1``): end quietly with the
+    status of a command killed by SIGPIPE (141), stdout pointed at /dev/null so that Python's
+    flush at exit does not print a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (replaced in-process): nothing to flush
+        pass
+    finally:
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fewshot-nsl``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         print(
             "\nfewshot-nsl: interrupted (resume with: fewshot-nsl train --resume RUN_DIR)",

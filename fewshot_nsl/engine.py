@@ -304,6 +304,8 @@ class Engine(ABC):
         elif self.is_main:
             self.run_dir.write_config(self.config)
             self.run_dir.write_meta(data=self.fingerprints())
+            # The one line per run even with quiet (resuming, restore() says where instead).
+            self._log(f"[{self.config.get('name')}] run directory {self.run_dir.path}")
 
     def restore(self, path: Path) -> None:
         """Continue the run of checkpoint ``path``: weights, optimiser, schedule, step, best,

@@ -7,7 +7,9 @@ by splitting the indices (``shard``) and putting the accuracies back in order (`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ from fewshot_nsl.stats import MeanCI, mean_ci
 
 __all__ = [
     "EvalResult",
+    "episode_progress",
     "evaluate_episodes",
     "evaluate_shots",
     "stored_accuracies",
@@ -83,6 +86,45 @@ def evaluate_episodes(
     finally:
         learner.train(was_training)
     return accuracies
+
+
+@contextmanager
+def episode_progress(
+    total: int,
+    desc: str,
+    show_bar: bool,
+    log: Callable[[str], None] | None = None,
+    min_interval_s: float = 0.0,
+) -> Iterator[Callable[[int], None]]:
+    """Progress of scoring ``total`` episodes; yields ``update(n)`` (n more episodes done).
+
+    On a terminal (``show_bar``): a tqdm bar that disappears when done. Otherwise, with a
+    ``log``: a line ``"{desc}: done/total episodes (rate/s)"`` each time another tenth of the
+    episodes is done and at the end, if at least ``min_interval_s`` after the previous line
+    (or the start), so that with an interval a short phase says nothing; without a ``log``:
+    nothing.
+    """
+    if show_bar:
+        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
+            yield bar.update
+        return
+    if log is None:
+        yield lambda n: None
+        return
+    every = max(1, -(-total // 10))  # a tenth, rounded up
+    done = 0
+    started = last = time.perf_counter()
+
+    def update(n: int) -> None:
+        nonlocal done, last
+        before, done = done, done + n
+        now = time.perf_counter()
+        boundary = done // every > before // every or done == total
+        if boundary and now - last >= min_interval_s:
+            last = now
+            log(f"{desc}: {done}/{total} episodes ({done / max(now - started, 1e-9):.1f}/s)")
+
+    yield update
 
 
 def test_source(
@@ -151,21 +193,25 @@ def evaluate_shots(
     show_progress: bool = True,
     shard: Callable[[list[int]], list[int]] | None = None,
     gather: Callable[[np.ndarray, list[int]], np.ndarray] | None = None,
+    log: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> dict[int, EvalResult]:
     """:func:`evaluate_episodes` on the frozen test episodes of every shot in ``shots``.
 
     ``shard``/``gather`` (default: identity) split the episode indices over ranks and put the
-    accuracies back together (see the module docstring).
+    accuracies back together (see the module docstring). Progress (:func:`episode_progress`):
+    a bar when ``show_progress``, else lines through ``log`` (when given), named
+    ``"[label] test N-shot"`` (``label`` default: the config's name).
     """
     results = {}
+    label = config.get("name") if label is None else label
     for shot in shots:
         source, count, description = test_source(config, split, shot, num_episodes, manifest)
         indices = list(range(count))
         mine = shard(indices) if shard is not None else indices
-        with tqdm(
-            total=len(mine), desc=f"test {shot}-shot", disable=not show_progress, leave=False
-        ) as bar:
-            local = evaluate_episodes(learner, source, mine, device, progress=bar.update)
+        desc = f"[{label}] test {shot}-shot"
+        with episode_progress(len(mine), desc, show_progress, log) as update:
+            local = evaluate_episodes(learner, source, mine, device, progress=update)
         accuracies = gather(local, indices) if gather is not None else local
         query = config["episodes"]["test_query"] if not manifest else source.episode(0).query
         results[shot] = EvalResult(test_way(config), shot, query, accuracies, description)

@@ -105,7 +105,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
     "data": {
         "dataset": Field("synthetic", choices=_datasets),
         "root": Field(None, types=(str, None)),
-        "options": Open(),
+        "options": Open(follows="dataset"),  # another dataset: not the old one's options
         "augment": False,
     },
     "episodes": {

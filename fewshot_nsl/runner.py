@@ -49,6 +49,7 @@ from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
 from fewshot_nsl.evaluation import (
     EvalResult,
+    episode_progress,
     evaluate_episodes,
     evaluate_shots,
     test_source,
@@ -84,6 +85,10 @@ RESUMABLE_CHANGES = (
     "episodes.test_query",
     "episodes.manifest",
 )
+
+
+#: A validation prints progress lines in a log (no terminal) only this long after it began.
+VAL_LOG_AFTER_S = 30.0
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -315,7 +320,12 @@ class MetaTrainer(Engine):
         indices = list(range(len(self.val_sampler)))
         mine = self.shard(indices)
         losses = np.empty(len(mine), dtype=np.float64)
-        local = evaluate_episodes(self.learner, self.val_sampler, mine, self.device, losses=losses)
+        # Lines in a log only when a validation is long (a short one's result line follows).
+        desc = f"[{self.config['name']}] val"
+        with episode_progress(len(mine), desc, self.show_bar, self.say, VAL_LOG_AFTER_S) as update:
+            local = evaluate_episodes(
+                self.learner, self.val_sampler, mine, self.device, update, losses=losses
+            )
         return mean_ci(self.gather(local, indices)), float(self.gather(losses, indices).mean())
 
     def evaluate(self, step: int) -> Evaluation:
@@ -371,6 +381,7 @@ class MetaTrainer(Engine):
             show_progress=self.show_bar,
             shard=self.shard,
             gather=self.gather,
+            log=self.say,
         )
 
     def results(self, tests: Mapping[int, EvalResult], wall_time_s: float) -> dict[str, Any]:

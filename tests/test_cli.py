@@ -55,7 +55,8 @@ def test_train_then_eval_and_compare(tiny: Path, tmp_path: Path, capsys) -> None
         capsys, "train", "--config", str(tiny), "--out", str(out), "train.steps=3"
     )
     assert status == 0, stderr
-    assert "# resolved config" in stdout and "steps: 3" in stdout
+    assert "steps: 3" not in stdout + stderr  # the resolved config: in the run directory only
+    assert f"[tiny] run directory {out}" in stderr
     assert "accuracy (%) ± 95% CI" in stdout
     assert "step 3/3" in stderr  # progress lines when stderr is not a TTY
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt", "results.json"):
@@ -241,8 +242,8 @@ def test_list(capsys) -> None:
         "conv4",
         "learners:",
         "dynamic_nsn",
-        "configs:",
-        "quickstart.yaml",
+        "configs (in ",
+        "\n  quickstart.yaml\n",  # relative to the configs folder named in the heading
     ):
         assert item in stdout
     # each config with what it reproduces (its reference block), briefly

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from fewshot_nsl.config import dump_config
 
 
 def _train_supervised(args: argparse.Namespace) -> int:
@@ -19,8 +16,6 @@ def _train_supervised(args: argparse.Namespace) -> int:
 
     config = load_supervised_config(args.config, args.overrides)
     out_dir = args.resume or args.out or run_dir_for(config)
-    if not args.quiet:
-        print(dump_config(config), end="", file=sys.stderr)
     results = run_supervised(
         config, out_dir=out_dir, resume=args.resume is not None, progress=not args.quiet
     )
@@ -58,7 +53,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "--out", help="run directory (default: train.out_dir or runs/supervised/NAME)"
     )
     where.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
-    train.add_argument("--quiet", action="store_true", help="no config dump, no progress bar")
+    train.add_argument(
+        "--quiet", action="store_true", help="print only errors, one line per run and the results"
+    )
     train.set_defaults(handler=_train_supervised)
 
     export = subparsers.add_parser(

@@ -57,7 +57,7 @@ SUPERVISED_DEFAULTS: dict[str, Any] = {
         "root": Field(None, types=(str, None)),
         # synthetic only: num_classes, train_per_class, test_per_class, image_size,
         # channels, seed (see fewshot_nsl.supervised.data.load_synthetic)
-        "options": Open(),
+        "options": Open(follows="dataset"),  # another dataset: not the old one's options
         "augment": True,
         # Border of the pad-4 crop: zeros, or the authors' tf.pad(..., "SYMMETRIC") mirror.
         "crop_padding": Field("zeros", choices=CROP_PADDINGS),
@@ -93,6 +93,7 @@ SUPERVISED_DEFAULTS: dict[str, Any] = {
         "label_smoothing": Field(0.01, types=(float,), check=_non_negative_float),
         "seed": Field(0, check=non_negative_int),
         "device": Field("auto", check=check_device),
+        "threads": Field(None, types=(int, None), check=positive_int),
         "log_every": Field(100, check=positive_int),
         "eval_every": Field(2500, check=non_negative_int),
         "checkpoint_every": Field(2500, check=non_negative_int),

@@ -168,6 +168,7 @@ class SupervisedTrainer(Engine):
         "train.eval_every",
         "train.checkpoint_every",
         "train.device",
+        "train.threads",
         "train.out_dir",
         "eval.",
     )
