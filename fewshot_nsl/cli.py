@@ -326,6 +326,8 @@ def command_prepare_data(args: argparse.Namespace) -> int:
     options = {key: value for key, value in given.items() if value is not None}
     if args.no_rotations:
         options["rotations"] = False
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists (--overwrite replaces it)")
     out = prepare_dataset(
         args.dataset,
         args.source,

@@ -550,7 +550,7 @@ def test_a_killed_overwrite_keeps_the_old_cache_and_overwrite_still_works(
     assert status == 0, stderr
     again = ("--dataset", "imagefolder", "--source", world["source"], "--out", out, "--no-strict")
     status, _, stderr = run_cli(capsys, "prepare-data", *again)
-    assert_one_line_error(status, stderr, str(out), "already exists")
+    assert_one_line_error(status, stderr, str(out), "already exists", "--overwrite")
     time.sleep(1.1)
     prepare(capsys, world["source"], out, "--overwrite")
     assert json.loads((out / "index.json").read_text())["source"] == str(world["source"])
