@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from episodes.fileio import StorageError
 from fewshot_nsl import __version__
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
@@ -155,7 +156,9 @@ def command_train(args: argparse.Namespace) -> int:
                 )
             all_results.append(done)
             continue
-        trainer = build_trainer(run, out_dir, context, quiet=args.quiet)
+        trainer = build_trainer(
+            run, out_dir, context, quiet=args.quiet, verify_data=args.verify_data
+        )
         all_results.append(trainer.fit(resume=resume_dir is not None))
     wall_time = time.perf_counter() - started
     shutdown(context)
@@ -183,14 +186,27 @@ def command_train(args: argparse.Namespace) -> int:
 # -- eval --------------------------------------------------------------------------------
 
 
-def _loaded_learner(path: Path, device: Any) -> tuple[Any, dict[str, Any], Any]:
-    """(learner with the checkpoint's weights, its config, its test split)."""
-    from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
+def checkpoint_argument(value: str, option: str = "--checkpoint") -> Path:
+    """The checkpoint file a ``--checkpoint`` value names: the file itself, or for a run
+    directory its ``best.pt`` (else ``last.pt``), said on stderr."""
+    from fewshot_nsl.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(value)
+    if Path(value).is_dir():
+        print(f"{option} {value}: a run directory, using {path}", file=sys.stderr)
+    return path
+
+
+def _loaded_learner(path: Path, device: Any, verify: str) -> tuple[Any, dict[str, Any], Any]:
+    """(learner with the checkpoint's weights, its config, its test split checked at level
+    ``verify`` against the cache's content hashes)."""
+    from fewshot_nsl.checkpoint import load_checkpoint, load_model_state, require_kind
     from fewshot_nsl.runner import build_model, load_split
 
     checkpoint = load_checkpoint(path, map_location=device)
+    require_kind(checkpoint, "episodic", path)
     config = checkpoint["config"]
-    split = load_split(config, "test")
+    split = load_split(config, "test", verify=verify)
     saved = checkpoint["data"].get("test")
     if saved is not None and saved != split.fingerprint:
         raise CheckpointMismatch(
@@ -231,13 +247,24 @@ def _eval_progress(quiet: bool) -> dict[str, Any]:
 
 
 def command_eval(args: argparse.Namespace) -> int:
+    from episodes.fileio import atomic_write, check_writable
     from fewshot_nsl.engine import resolve_device
     from fewshot_nsl.evaluation import EvalResult, evaluate_shots
     from fewshot_nsl.stats import paired_difference
 
     device = resolve_device(args.device)
-    path = Path(args.checkpoint)
-    learner, config, split = _loaded_learner(path, device)
+    path = checkpoint_argument(args.checkpoint)
+    path_b = checkpoint_argument(args.compare, "--compare") if args.compare else None
+    out = Path(args.json) if args.json else path.with_name(f"eval_{path.stem}.json")
+    if out.is_dir():
+        raise FileExistsError(f"--json {out} is a folder; give a file name")
+    try:  # now, not after the evaluation
+        check_writable(out.parent)
+    except StorageError as error:
+        if args.json:
+            raise
+        raise StorageError(f"{error} (write the results elsewhere with --json FILE)") from error
+    learner, config, split = _loaded_learner(path, device, args.verify_data)
     protocol = {"test_query": args.query, "test_way": args.way}  # the other protocol, if asked
     config["episodes"].update({key: value for key, value in protocol.items() if value})
     if args.way and args.way != config["episodes"]["way"] and not learner.any_way:
@@ -267,9 +294,8 @@ def command_eval(args: argparse.Namespace) -> int:
     models: list[tuple[str, dict[str, Any], dict[int, EvalResult]]] = [
         (str(config["name"]), config, results_a)
     ]
-    if args.compare:
-        path_b = Path(args.compare)
-        learner_b, config_b, split_b = _loaded_learner(path_b, device)
+    if path_b is not None:
+        learner_b, config_b, split_b = _loaded_learner(path_b, device, args.verify_data)
         _comparable(config, config_b, split, split_b, path_b)
         # Scored with A's config: the same episodes (seed, query, manifest) for both.
         results_b = evaluate_shots(learner_b, config, split, label=config_b["name"], **evaluate)
@@ -309,8 +335,8 @@ def command_eval(args: argparse.Namespace) -> int:
             difference = paired_difference(res_a[shot].accuracies, res_b[shot].accuracies)
             payload["paired"][str(shot)] = {"a": name_a, "b": name_b, **difference.as_dict()}
             print(f"  {shot}-shot: {difference.format()} points over {difference.n} episodes")
-    out = Path(args.json) if args.json else path.with_name(f"eval_{path.stem}.json")
-    out.write_text(json.dumps(payload, indent=2))
+    text = json.dumps(payload, indent=2).encode()
+    atomic_write(out, lambda handle: handle.write(text))
     print(f"\nwrote {out}")
     return 0
 
@@ -333,6 +359,8 @@ def command_prepare_data(args: argparse.Namespace) -> int:
     options = {key: value for key, value in given.items() if value is not None}
     if args.no_rotations:
         options["rotations"] = False
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists (--overwrite replaces it)")
     out = prepare_dataset(
         args.dataset,
         args.source,
@@ -452,6 +480,17 @@ def command_report(args: argparse.Namespace) -> int:
 # -- parser and entry point --------------------------------------------------------------
 
 
+def _add_verify_data(parser: argparse.ArgumentParser) -> None:
+    """``--verify-data``: how much of a dataset cache ``train``/``eval`` check when loading."""
+    parser.add_argument(
+        "--verify-data",
+        choices=("sampled", "full"),
+        default="sampled",
+        help="check the dataset cache against the content hashes in its index.json: "
+        "'sampled' (64 rows per split, default) or 'full' (every byte)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fewshot-nsl`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -477,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--quiet", action="store_true", help="print only errors, one line per run and the results"
     )
+    _add_verify_data(train)
     train.add_argument(
         "--seeds",
         type=int,
@@ -488,7 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("eval", help="test a checkpoint (mean ± 95%% CI)")
-    evaluate.add_argument("--checkpoint", required=True, help="best.pt / last.pt of a run")
+    evaluate.add_argument(
+        "--checkpoint",
+        required=True,
+        help="best.pt / last.pt of a train run, or its run directory (then its best.pt)",
+    )
     evaluate.add_argument(
         "--shots",
         type=int,
@@ -520,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--compare",
         metavar="OTHER",
-        help="a second checkpoint scored on the same episodes; reports the paired difference ± CI",
+        help="a second checkpoint (or run directory) scored on the same episodes; reports the "
+        "paired difference ± CI",
     )
     evaluate.add_argument(
         "--json",
@@ -528,12 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    _add_verify_data(evaluate)
     evaluate.set_defaults(handler=command_eval)
 
     prepare = commands.add_parser("prepare-data", help="convert a dataset into a cache folder")
     prepare.add_argument("--dataset", required=True, help="e.g. mini-imagenet, omniglot")
     prepare.add_argument("--source", required=True, help="the downloaded dataset files")
-    prepare.add_argument("--out", required=True, help="cache folder to create")
+    prepare.add_argument(
+        "--out",
+        required=True,
+        help="cache folder to create (written next to it as a temp folder, renamed when done)",
+    )
     prepare.add_argument(
         "--no-strict",
         action="store_true",
@@ -626,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         ValueError,
+        StorageError,
     ) as error:
         if os.environ.get("FEWSHOT_NSL_DEBUG"):
             raise

@@ -98,8 +98,9 @@ class DatasetNotFound(FileNotFoundError):
 # -- building blocks -------------------------------------------------------------------------
 
 
-def load_split(config: Mapping[str, Any], split: str) -> ImageSplit:
-    """Split ``split`` ("train" | "val" | "test") of the config's dataset.
+def load_split(config: Mapping[str, Any], split: str, verify: str = "sampled") -> ImageSplit:
+    """Split ``split`` ("train" | "val" | "test") of the config's dataset; a cache's images are
+    checked against its stored content hashes (``verify``: "sampled" rows or "full").
 
     Raises:
         DatasetNotFound: the data is missing; the message gives the ``prepare-data`` command.
@@ -111,7 +112,7 @@ def load_split(config: Mapping[str, Any], split: str) -> ImageSplit:
         "and set data.root=DIR"
     )
     try:
-        return build_split(name, split, root, **data["options"])
+        return build_split(name, split, root, verify=verify, **data["options"])
     except FileNotFoundError as error:
         raise DatasetNotFound(f"data.root: dataset {name!r} not found ({error}); {how}") from error
     except ValueError as error:
@@ -172,6 +173,8 @@ class MetaTrainer(Engine):
         rank / world_size: this process's place among the training processes.
         quiet: no progress bar nor progress lines.
         log: where progress lines go when there is no TTY for a progress bar.
+        verify_data: how much of a dataset cache is checked against its stored content
+            hashes when loaded: ``"sampled"`` rows or ``"full"`` (``--verify-data``).
     """
 
     resumable_changes = RESUMABLE_CHANGES
@@ -187,8 +190,10 @@ class MetaTrainer(Engine):
         world_size: int = 1,
         quiet: bool = False,
         log: Callable[[str], None] | None = None,
+        verify_data: str = "sampled",
     ) -> None:
         super().__init__(config, out_dir, rank=rank, world_size=world_size, quiet=quiet, log=log)
+        self.verify_data = verify_data
         self.splits: dict[str, ImageSplit] = {}
         self.val_sampler: EpisodeSampler | None = None
 
@@ -216,7 +221,7 @@ class MetaTrainer(Engine):
     def split(self, name: str) -> ImageSplit:
         """Split ``name`` of the run's dataset (built once)."""
         if name not in self.splits:
-            self.splits[name] = load_split(self.config, name)
+            self.splits[name] = load_split(self.config, name, verify=self.verify_data)
         return self.splits[name]
 
     def fingerprints(self) -> dict[str, str]:

@@ -24,9 +24,11 @@ def _train_supervised(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from fewshot_nsl.cli import checkpoint_argument
     from fewshot_nsl.supervised.export import export_model
 
-    path = export_model(args.checkpoint, args.out, fold=args.fold)
+    checkpoint = checkpoint_argument(args.checkpoint)
+    path = export_model(checkpoint, args.out, fold=args.fold, overwrite=args.overwrite)
     print(json.dumps({"exported": str(path), "folded": args.fold}))
     return 0
 
@@ -65,8 +67,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "torch.export.load(FILE).module(), no fewshot_nsl needed) taking float images in "
         "[0, 1] and returning logits.",
     )
-    export.add_argument("--checkpoint", required=True, help="last.pt of a train-supervised run")
+    export.add_argument(
+        "--checkpoint",
+        required=True,
+        help="last.pt of a train-supervised run, or its run directory",
+    )
     export.add_argument("--out", required=True, help="file to write, e.g. model.pt2")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.add_argument(
         "--fold",
         action="store_true",
