@@ -29,11 +29,16 @@ from fewshot_nsl.model_config import check_backbone, check_conv
 __all__ = [
     "FEWSHOT_DEFAULTS",
     "LR_SCHEDULES",
+    "META_BATCH_MODES",
     "load_fewshot_config",
     "resolve_fewshot_config",
 ]
 
 LR_SCHEDULES = ("constant", "cosine", "step")
+#: How the tasks of a meta-batch run (``train.meta_batch``): one after another (the reference),
+#: or together under ``torch.func.vmap`` where the learner supports it (same results to float
+#: rounding; :mod:`fewshot_nsl.learners.vectorised`).
+META_BATCH_MODES = ("sequential", "vectorised")
 
 
 def _datasets() -> list[str]:
@@ -111,6 +116,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "lr_milestones": Field([], check=milestones),
         "lr_gamma": 0.1,
         "grad_clip": Field(None, types=(float, None)),
+        "meta_batch": Field("sequential", choices=META_BATCH_MODES),
         "val_every": Field(1000, check=non_negative_int),
         "checkpoint_every": Field(1000, check=non_negative_int),
         "log_every": Field(50, check=positive_int),
