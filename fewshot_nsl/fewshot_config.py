@@ -34,6 +34,7 @@ __all__ = [
     "LR_SCHEDULES",
     "SELECTION_METRICS",
     "iter_seed_runs",
+    "META_BATCH_MODES",
     "load_fewshot_config",
     "resolve_fewshot_config",
     "seed_run_dir",
@@ -46,6 +47,10 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 GRAD_CLIP_MODES = ("norm", "value")
 #: The validation metric that chooses ``best.pt`` (and that ``train.patience`` watches).
 SELECTION_METRICS = ("val_accuracy", "val_loss")
+#: How the tasks of a meta-batch run (``train.meta_batch``): one after another (the reference),
+#: or together under ``torch.func.vmap`` where the learner supports it (same results to float
+#: rounding; :mod:`fewshot_nsl.learners.vectorised`).
+META_BATCH_MODES = ("sequential", "vectorised")
 
 
 def _datasets() -> list[str]:
@@ -143,6 +148,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         # Early stopping: stop once more than this many validations in a row brought no new
         # best (null: never; jakesnell/prototypical-networks: patience 200, `wait > patience`).
         "patience": Field(None, types=(int, None), check=non_negative_int),
+        "meta_batch": Field("sequential", choices=META_BATCH_MODES),
         "val_every": Field(1000, check=non_negative_int),
         "checkpoint_every": Field(1000, check=non_negative_int),
         "log_every": Field(50, check=positive_int),

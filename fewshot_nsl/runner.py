@@ -23,8 +23,11 @@ Distributed seam (torch.distributed is added on top of this, in
   ``TaskBatcher(sampler, tasks_per_batch, rank, world_size).batch(step)``; each task's loss is
   divided by the *global* ``tasks_per_batch`` and back-propagated on its own (gradients
   accumulate in ``.grad``), so the sum over ranks of the accumulated gradients is the
-  meta-batch mean. :meth:`MetaTrainer.reduce_gradients` is the single point where that sum
-  happens (an all-reduce); here, with one process, it does nothing.
+  meta-batch mean. With ``train.meta_batch: vectorised`` the rank's tasks run together
+  (``Learner.meta_loss_batch``) and their mean loss is scaled by (local tasks / global
+  ``tasks_per_batch``) instead: the same sum. :meth:`MetaTrainer.reduce_gradients` is the
+  single point where that sum happens (an all-reduce); here, with one process, it does
+  nothing.
 * Evaluation works on a list of episode indices (:func:`evaluate_episodes`):
   :meth:`MetaTrainer.shard` picks this rank's indices and :meth:`MetaTrainer.gather` puts the
   per-episode accuracies back in index order; single-process they are the identity.
@@ -79,6 +82,7 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.device",
     "train.threads",
+    "train.meta_batch",
     "train.out_dir",
     "episodes.test_episodes",
     "episodes.test_shots",
@@ -299,11 +303,22 @@ class MetaTrainer(Engine):
         tasks = self.batcher.batch(step)
         scale = 1.0 / self.batcher.tasks_per_batch  # global meta-batch size: see reduce_gradients
         total_loss = total_accuracy = 0.0
-        for episode in tasks:
-            loss, accuracy = self.learner.meta_loss(episode.to(self.device))
-            (loss * scale).backward()  # one graph alive at a time: memory of a single task
-            total_loss += float(loss.detach())
-            total_accuracy += float(accuracy)
+        together = None
+        if self.config["train"]["meta_batch"] == "vectorised":  # None: the learner cannot
+            together = self.learner.meta_loss_batch([e.to(self.device) for e in tasks])
+        if together is not None:  # the mean over this rank's tasks, as one graph
+            loss, accuracy = together
+            (loss * (len(tasks) * scale)).backward()
+            total_loss, total_accuracy = (
+                float(loss.detach()) * len(tasks),
+                float(accuracy) * len(tasks),
+            )
+        else:
+            for episode in tasks:
+                loss, accuracy = self.learner.meta_loss(episode.to(self.device))
+                (loss * scale).backward()  # one graph alive at a time: memory of a single task
+                total_loss += float(loss.detach())
+                total_accuracy += float(accuracy)
         self.reduce_gradients()
         grad_clip = self.config["train"]["grad_clip"]
         if grad_clip is not None:
