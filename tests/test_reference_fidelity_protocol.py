@@ -31,6 +31,17 @@ from fewshot_nsl.runner import MetaTrainer
 from fewshot_nsl.stats import mean_ci
 from tests.test_runner import TINY, tiny_config
 
+TINY_PROTONET_YAML = (
+    "name: tiny\n"
+    "data: {dataset: synthetic, options: {image_size: 16, images_per_class: 8,"
+    " num_classes: {train: 10, val: 6, test: 6}}}\n"
+    "episodes: {way: 3, shot: 1, query: 2, tasks_per_batch: 1, val_episodes: 2,"
+    " test_episodes: 3, test_shots: [1], test_query: 2}\n"
+    "model: {backbone_options: {filters: 4, image_size: 16}}\n"
+    "learner: {name: protonet}\n"
+    "train: {steps: 1, val_every: 1, checkpoint_every: 1, device: cpu, threads: 1}\n"
+)
+
 
 def protonet_config(*overrides: str) -> dict[str, Any]:
     """The runner tests' tiny run, with ProtoNet (no way-sized head) as the learner."""
@@ -178,21 +189,28 @@ def test_early_stopping_ends_training_and_tests_the_best(tmp_path: Path) -> None
     assert load_checkpoint(tmp_path / "last.pt")["step"] == results["steps"]
 
 
+def test_resume_of_an_early_stopped_run_reuses_its_results(tmp_path: Path, capsys) -> None:
+    """`train --resume` of a run that stopped early does not train on: it is finished."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        TINY_PROTONET_YAML.replace("steps: 1,", "steps: 30, patience: 0, select_by: val_loss,")
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped_early"] and results["steps"] < 30
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--resume", str(out), "--quiet"]) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["steps"] == results["steps"]
+
+
 # -- results say their protocol; eval runs either ----------------------------------------------
 
 
 def test_eval_runs_the_other_protocol_and_says_it(tmp_path: Path, capsys) -> None:
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        "name: tiny\n"
-        "data: {dataset: synthetic, options: {image_size: 16, images_per_class: 8,"
-        " num_classes: {train: 10, val: 6, test: 6}}}\n"
-        "episodes: {way: 3, shot: 1, query: 2, tasks_per_batch: 1, val_episodes: 2,"
-        " test_episodes: 3, test_shots: [1], test_query: 2}\n"
-        "model: {backbone_options: {filters: 4, image_size: 16}}\n"
-        "learner: {name: protonet}\n"
-        "train: {steps: 1, val_every: 1, checkpoint_every: 1, device: cpu, threads: 1}\n"
-    )
+    config.write_text(TINY_PROTONET_YAML)
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
