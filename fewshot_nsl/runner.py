@@ -166,6 +166,9 @@ class MetaTrainer(Engine):
     ) -> None:
         super().__init__(config, out_dir, rank=rank, world_size=world_size, quiet=quiet, log=log)
         self.splits: dict[str, ImageSplit] = {}
+        #: ``tested`` ("best.pt" / "final weights"), ``tested_step``, ``best``: what
+        #: :meth:`test` evaluated, read from the checkpoint it loaded.
+        self.tested: dict[str, Any] = {}
         self.val_sampler: EpisodeSampler | None = None
 
     default_out_dir = staticmethod(run_dir_for)
@@ -296,7 +299,11 @@ class MetaTrainer(Engine):
 
     def evaluate(self, step: int) -> Evaluation:
         summary = self.validate()
-        improved = self.best is None or summary.mean > self.best["accuracy"]
+        # A resumed run re-evaluating the step of its best (kept from a best.pt written after
+        # last.pt) marks it best again, as the uninterrupted run did.
+        improved = (
+            self.best is None or summary.mean > self.best["accuracy"] or step == self.best["step"]
+        )
         message = f"[{self.config['name']}] step {step} val acc {summary.format()}" + (
             " (best)" if improved else ""
         )
@@ -312,12 +319,19 @@ class MetaTrainer(Engine):
 
     def load_best(self) -> None:
         """Load ``best.pt``'s weights into the learner when validation chose any (part of the
-        distributed seam: there rank 0 loads and sends them to the other ranks)."""
+        distributed seam: there rank 0 loads and sends them to the other ranks), and record
+        what is tested from the checkpoint itself (:attr:`tested`)."""
         assert self.learner is not None and self.run_dir is not None
-        best_path = self.run_dir.file("best.pt")
-        if self.best is not None and best_path.is_file():
-            best = load_checkpoint(best_path, self.device)["model"]
-            load_model_state(self.learner, best, str(best_path))
+        self.tested = {"tested": "final weights", "tested_step": self.step, "best": None}
+        if self.best is not None:
+            best_path = self.run_dir.file("best.pt")
+            best = load_checkpoint(best_path, self.device)
+            load_model_state(self.learner, best["model"], str(best_path))
+            self.tested = {
+                "tested": "best.pt",
+                "tested_step": int(best["step"]),
+                "best": best["best"],
+            }
 
     def test(self) -> dict[int, EvalResult]:
         """Test the best weights (the final ones without validation) on every test shot."""
@@ -349,8 +363,8 @@ class MetaTrainer(Engine):
             "way": config["episodes"]["way"],
             "train_shot": config["episodes"]["shot"],
             "steps": self.step,
-            "best": self.best,
-            "tested": "best.pt" if self.best is not None else "final weights",
+            # What was tested, as its checkpoint says (not the config nor the engine's state).
+            **self.tested,
             "data": self.fingerprints(),
             "wall_time_s": round(wall_time_s, 2),
             "test": {str(shot): result.as_dict() for shot, result in tests.items()},
