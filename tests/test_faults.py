@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -461,3 +462,37 @@ def test_resume_to_fewer_steps_and_changed_val_every_report_the_tested_checkpoin
     best = load_checkpoint(out / "best.pt")
     assert results["tested"] == "best.pt" and results["steps"] == 4
     assert results["tested_step"] == best["step"] <= 3 and results["best"] == best["best"]
+
+
+@pytest.mark.slow
+def test_a_best_pt_written_after_last_pt_is_the_one_tested_after_resume(
+    tiny: Path, tmp_path: Path, capsys
+) -> None:
+    """A run killed between writing best.pt (step 3) and its next last.pt (still step 1):
+    resumed with another val_every (no validation at step 3 any more), the run keeps that
+    best.pt as the best so far, tests it, and says so in results.json, as the uninterrupted
+    run does. (Seed 2 with 6 validation episodes has its best validation at step 3 of 4.)"""
+    settings = ["train.seed=2", "episodes.val_episodes=6"]
+    full, part, killed = tmp_path / "full", tmp_path / "part", tmp_path / "killed"
+    for out, steps in ((full, 4), (part, 1)):
+        status, _, stderr = run(
+            capsys, "train", "--config", str(tiny), "--out", str(out), "--quiet",
+            f"train.steps={steps}", *settings,
+        )  # fmt: skip
+        assert status == 0, stderr
+    assert load_checkpoint(full / "best.pt")["step"] == 3
+    shutil.copytree(full, killed)
+    (killed / "results.json").unlink()
+    shutil.copy(part / "last.pt", killed / "last.pt")  # last.pt of step 1, best.pt of step 3
+
+    status, _, stderr = run(
+        capsys, "train", "--resume", str(killed), "--quiet", *settings, "train.steps=4",
+        "train.val_every=4",
+    )  # fmt: skip
+    assert status == 0, stderr
+    assert "best.pt is from step 3, after last.pt (step 1): keeping it" in stderr
+    results = json.loads((killed / "results.json").read_text())
+    expected = json.loads((full / "results.json").read_text())
+    assert results["tested"] == "best.pt" and results["tested_step"] == 3
+    for key in ("best", "tested_step", "test"):
+        assert results[key] == expected[key], key
