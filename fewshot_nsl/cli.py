@@ -99,7 +99,7 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
 
 def command_train(args: argparse.Namespace) -> int:
     from fewshot_nsl.distributed import broadcast_object, build_trainer, init_distributed, shutdown
-    from fewshot_nsl.engine import TrainingInterrupted
+    from fewshot_nsl.engine import TrainingInterrupted, refuse_existing_run
     from fewshot_nsl.runlog import RunDir, RunLock, remove_run
     from fewshot_nsl.runner import run_dir_for
 
@@ -144,12 +144,12 @@ def command_train(args: argparse.Namespace) -> int:
                 # A multi-run root is created (locked, emptied with --overwrite, its config
                 # written) only once the first run's checks pass and its data is there.
                 if not resume and not overwrite:
-                    _refuse_existing_run(root)
+                    refuse_existing_run(root)
                 trainer.check_run_dir(resume, overwrite)
                 trainer.build()
                 root_lock.acquire()
                 if not resume and not overwrite:
-                    _refuse_existing_run(root)  # again, under the lock
+                    refuse_existing_run(root)  # again, under the lock
                 if overwrite and RunDir(root).holds_run():
                     remove_run(root)
                     print(f"--overwrite: removed the runs in {root}", file=sys.stderr)
@@ -182,19 +182,6 @@ def command_train(args: argparse.Namespace) -> int:
         }
         RunDir(root).write_json("summary.json", summary)
     return 0
-
-
-def _refuse_existing_run(root: Path) -> None:
-    """:class:`~fewshot_nsl.runlog.RunExists` when a fresh multi-run is aimed at a folder
-    that holds a run already (the root's config.yaml or a run in a sub-folder)."""
-    from fewshot_nsl.runlog import RunExists, holds_run
-
-    if holds_run(root):
-        raise RunExists(
-            f"{root} already holds a run; continue it with --resume {root}, replace it with "
-            "--overwrite, or choose another --out",
-            path=root,
-        )
 
 
 # -- eval --------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "check_resumable",
+    "refuse_existing_run",
     "resolve_device",
     "seed_everything",
 ]
@@ -121,6 +122,17 @@ class TrainingInterrupted(Exception):
     @property
     def exit_status(self) -> int:
         return 128 + self.signal_number
+
+
+def refuse_existing_run(path: Path) -> None:
+    """:class:`~fewshot_nsl.runlog.RunExists` (naming ``--resume`` and ``--overwrite``) when
+    a fresh run is aimed at ``path`` and it already holds a run."""
+    if holds_run(path):
+        raise RunExists(
+            f"{path} already holds a run; continue it with --resume {path}, replace it "
+            "with --overwrite, or choose another --out",
+            path=path,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -369,12 +381,7 @@ class Engine(ABC):
                     path=path,
                 )
             return
-        if holds_run(path):
-            raise RunExists(
-                f"{path} already holds a run; continue it with --resume {path}, replace it "
-                "with --overwrite, or choose another --out",
-                path=path,
-            )
+        refuse_existing_run(path)
 
     def open_run(self, resume: bool = False, overwrite: bool = False) -> None:
         """Lock the run directory (creating it) and open it: with ``overwrite`` remove the

@@ -319,6 +319,20 @@ def test_ctrl_c_stops_after_the_step_with_last_pt_and_exit_130(
     assert load_checkpoint(out / "last.pt")["step"] == 2  # off the checkpoint cadence
     assert not RunLock.is_held(out) and not (out / "results.json").exists()
 
+    def pressed_twice(self: MetaTrainer, step: int) -> dict[str, float]:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the second stops at once
+        return original(self, step)
+
+    monkeypatch.setattr(MetaTrainer, "gradient_step", pressed_twice)
+    status, stdout, stderr = run(
+        capsys, "train", "--resume", str(out), "--quiet", "train.steps=6",
+    )  # fmt: skip
+    assert status == 130 and "Traceback" not in stderr and "interrupted" in stderr
+    assert load_checkpoint(out / "last.pt")["step"] == 3  # the last checkpoint (every 3)
+    assert not RunLock.is_held(out)
+
 
 # -- divergence and values that cannot be right ------------------------------------------------
 
