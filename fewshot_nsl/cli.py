@@ -100,13 +100,12 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
     from fewshot_nsl.engine import check_resumable
     from fewshot_nsl.runner import RESUMABLE_CHANGES
 
-    path = run_dir / "results.json"
-    if not path.is_file():
+    path, last = run_dir / "results.json", run_dir / "last.pt"
+    if not path.is_file() or not last.is_file():  # no last.pt: the engine says what to do
         return None
     results = json.loads(path.read_text())
     if results.get("steps") != config["train"]["steps"] and not results.get("stopped_early"):
         return None
-    last = run_dir / "last.pt"
     saved = normalized_config(load_checkpoint(last)["config"], FEWSHOT_DEFAULTS)
     check_resumable(saved, config, last, RESUMABLE_CHANGES)
     return results
@@ -114,6 +113,8 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
 
 def command_train(args: argparse.Namespace) -> int:
     from fewshot_nsl.distributed import broadcast_object, build_trainer, init_distributed, shutdown
+    from fewshot_nsl.engine import TrainingInterrupted, refuse_existing_run
+    from fewshot_nsl.runlog import RunDir, RunLock, remove_run
     from fewshot_nsl.runner import run_dir_for
 
     if args.config is None and args.resume is None:
@@ -127,6 +128,7 @@ def command_train(args: argparse.Namespace) -> int:
         overrides.append(f"train.seeds={list(args.seeds)}")
     config = load_fewshot_config(config_path, overrides)
     root = Path(args.out) if args.out else resume_dir or run_dir_for(config)
+    resume, overwrite = resume_dir is not None, bool(args.overwrite)
     runs = config.get("runs") or {}
     seeded = any(run["train"]["seeds"] for _, run in iter_runs(config))
     multi = bool(runs) or seeded  # a root folder of several runs: its config and summary
@@ -138,28 +140,46 @@ def command_train(args: argparse.Namespace) -> int:
 
     # Under torchrun: join the process group (docs/distributed.md); alone: no process group.
     context = init_distributed(config["train"]["device"])
-    if context.is_main:  # one copy of the files: rank 0's (each run writes its config.yaml)
-        root.mkdir(parents=True, exist_ok=True)
-        if multi:
-            dump_config(config, root / "config.yaml")
-
+    root_lock = RunLock(root) if multi and context.is_main else None
     started = time.perf_counter()
     all_results = []
-    for name, run in single_runs:
-        out_dir = Path(run["train"]["out_dir"])
-        done = _completed(out_dir, run) if resume_dir is not None else None
-        done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
-        if done is not None:
-            if context.is_main:
-                print(
-                    f"[{name}] already finished in {out_dir}; reusing its results", file=sys.stderr
-                )
-            all_results.append(done)
-            continue
-        trainer = build_trainer(
-            run, out_dir, context, quiet=args.quiet, verify_data=args.verify_data
-        )
-        all_results.append(trainer.fit(resume=resume_dir is not None))
+    try:
+        for name, run in single_runs:
+            out_dir = Path(run["train"]["out_dir"])
+            done = _completed(out_dir, run) if resume else None
+            done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
+            if done is not None:
+                if context.is_main:
+                    print(
+                        f"[{name}] already finished in {out_dir}; reusing its results",
+                        file=sys.stderr,
+                    )
+                all_results.append(done)
+                continue
+            trainer = build_trainer(
+                run, out_dir, context, quiet=args.quiet, verify_data=args.verify_data
+            )
+            if root_lock is not None and not root_lock.held:
+                # A multi-run root is created (locked, emptied with --overwrite, its config
+                # written) only once the first run's checks pass and its data is there.
+                if not resume and not overwrite:
+                    refuse_existing_run(root)
+                trainer.check_run_dir(resume, overwrite)
+                trainer.build()
+                root_lock.acquire()
+                if not resume and not overwrite:
+                    refuse_existing_run(root)  # again, under the lock
+                if overwrite and RunDir(root).holds_run():
+                    remove_run(root)
+                    print(f"--overwrite: removed the runs in {root}", file=sys.stderr)
+                dump_config(config, root / "config.yaml")
+            all_results.append(trainer.fit(resume=resume, overwrite=overwrite))
+    except TrainingInterrupted as stop:
+        stop.resume_command = f"fewshot-nsl train --resume {root.resolve()}"
+        raise
+    finally:
+        if root_lock is not None:
+            root_lock.release()
     wall_time = time.perf_counter() - started
     shutdown(context)
     if not context.is_main:
@@ -179,7 +199,7 @@ def command_train(args: argparse.Namespace) -> int:
             "rows": rows,
             "runs": {name: run["train"]["out_dir"] for name, run in single_runs},
         }
-        (root / "summary.json").write_text(json.dumps(summary, indent=2))
+        RunDir(root).write_json("summary.json", summary)
     return 0
 
 
@@ -507,8 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key.sub=value",
         help="dotted overrides, values parsed as YAML (train.steps=100)",
     )
-    train.add_argument(
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last.pt (exact on CPU)"
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the run already in the run directory (whole) and start a fresh one",
     )
     train.add_argument(
         "--out", metavar="DIR", help="run directory (default train.out_dir or runs/NAME)"
@@ -657,6 +683,8 @@ def _stdout_closed() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fewshot-nsl``; returns the exit status."""
+    from fewshot_nsl.engine import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         status = int(args.handler(args) or 0)
@@ -664,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except BrokenPipeError:
         return _stdout_closed()
+    except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: last.pt written after a step
+        print(f"fewshot-nsl: {stop}; resume with: {stop.resume_command}", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(
             "\nfewshot-nsl: interrupted (resume with: fewshot-nsl train --resume RUN_DIR)",
@@ -675,8 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatch,
         FileNotFoundError,
         FileExistsError,
-        ValueError,
         StorageError,
+        ValueError,
     ) as error:
         if os.environ.get("FEWSHOT_NSL_DEBUG"):
             raise

@@ -28,6 +28,7 @@ naming the dotted key, what was expected, and the file.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "non_negative_int",
     "normalized_config",
     "parse_overrides",
+    "positive_float",
     "positive_int",
     "resolve_config",
 ]
@@ -113,6 +115,14 @@ def non_negative_int(value: int) -> int:
     """An int >= 0 (for :attr:`Field.check`)."""
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(value: float) -> float:
+    """A finite number > 0 (for :attr:`Field.check`): learning rates, clipping norms. NaN and
+    infinity are refused (they make every later step NaN)."""
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number > 0, got {value}")
     return value
 
 

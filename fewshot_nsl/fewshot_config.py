@@ -9,6 +9,7 @@ options are those of the named learner, typed like their defaults, all filled in
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fewshot_nsl.config import (
     load_config,
     milestones,
     non_negative_int,
+    positive_float,
     positive_int,
     resolve_config,
 )
@@ -81,9 +83,21 @@ def _check_learner(learner: dict[str, Any]) -> dict[str, Any]:
     for key, default in allowed.items():
         if key not in resolved:
             resolved[key] = list(default) if isinstance(default, tuple) else default
+    for key, value in resolved.items():  # NaN/inf options make every step NaN; rates are > 0
+        if isinstance(value, float):
+            try:
+                positive_float(value) if key.endswith("lr") else _finite(value)
+            except ValueError as error:
+                raise ConfigError(f"learner.{key}: {error}") from None
     if "bn" in resolved and resolved["bn"] not in BN_POLICIES:  # the inner-loop BN policy
         raise ConfigError(f"learner.bn: got {resolved['bn']!r}; allowed: {list(BN_POLICIES)}")
     return resolved
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
 
 
 def _shot_list(value: list[Any]) -> list[int]:
@@ -137,12 +151,14 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
     },
     "learner": Open({"name": "maml"}, check=_check_learner, switch_key="name"),
     "train": {
-        "steps": Field(60000, check=non_negative_int),
-        "lr": Field(1e-3, types=(float,)),
+        "steps": Field(60000, check=positive_int),
+        "lr": Field(1e-3, types=(float,), check=positive_float),
         "lr_schedule": Field("constant", choices=LR_SCHEDULES),
         "lr_milestones": Field([], check=milestones),
         "lr_gamma": 0.1,
-        "grad_clip": Field(None, types=(float, None)),
+        # null: no clipping; else the max global gradient norm (> 0: 0 would zero every step)
+        # null: no clipping; else > 0 (0 would zero every step), see grad_clip_mode
+        "grad_clip": Field(None, types=(float, None), check=positive_float),
         "grad_clip_mode": Field("norm", choices=GRAD_CLIP_MODES),
         "select_by": Field("val_accuracy", choices=SELECTION_METRICS),
         # Early stopping: stop once more than this many validations in a row brought no new

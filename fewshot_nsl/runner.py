@@ -199,6 +199,9 @@ class MetaTrainer(Engine):
         super().__init__(config, out_dir, rank=rank, world_size=world_size, quiet=quiet, log=log)
         self.verify_data = verify_data
         self.splits: dict[str, ImageSplit] = {}
+        #: ``tested`` ("best.pt" / "final weights"), ``tested_step``, ``best``: what
+        #: :meth:`test` evaluated, read from the checkpoint it loaded.
+        self.tested: dict[str, Any] = {}
         self.val_sampler: EpisodeSampler | None = None
 
     default_out_dir = staticmethod(run_dir_for)
@@ -351,10 +354,15 @@ class MetaTrainer(Engine):
     def evaluate(self, step: int) -> Evaluation:
         summary, loss = self.validate()
         train = self.config["train"]
-        if train["select_by"] == "val_loss":
-            improved = self.best is None or loss < self.best.get("loss", math.inf)
+        if self.best is None:
+            improved = True
+        elif train["select_by"] == "val_loss":
+            improved = loss < self.best.get("loss", math.inf)
         else:
-            improved = self.best is None or summary.mean > self.best["accuracy"]
+            improved = summary.mean > self.best["accuracy"]
+        # A resumed run re-evaluating the step of its best (kept from a best.pt written after
+        # last.pt) marks it best again, as the uninterrupted run did.
+        improved = improved or step == self.best["step"]  # type: ignore[index]
         best_step = step if improved else self.best["step"]  # type: ignore[index]
         # Early stopping as the ProtoNet reference: stop once the validations since the best
         # one (derived from the steps, so a resumed run counts the same) exceed the patience.
@@ -378,12 +386,19 @@ class MetaTrainer(Engine):
 
     def load_best(self) -> None:
         """Load ``best.pt``'s weights into the learner when validation chose any (part of the
-        distributed seam: there rank 0 loads and sends them to the other ranks)."""
+        distributed seam: there rank 0 loads and sends them to the other ranks), and record
+        what is tested from the checkpoint itself (:attr:`tested`)."""
         assert self.learner is not None and self.run_dir is not None
-        best_path = self.run_dir.file("best.pt")
-        if self.best is not None and best_path.is_file():
-            best = load_checkpoint(best_path, self.device)["model"]
-            load_model_state(self.learner, best, str(best_path))
+        self.tested = {"tested": "final weights", "tested_step": self.step, "best": None}
+        if self.best is not None:
+            best_path = self.run_dir.file("best.pt")
+            best = load_checkpoint(best_path, self.device)
+            load_model_state(self.learner, best["model"], str(best_path))
+            self.tested = {
+                "tested": "best.pt",
+                "tested_step": int(best["step"]),
+                "best": best["best"],
+            }
 
     def test(self) -> dict[int, EvalResult]:
         """Test the best weights (the final ones without validation) on every test shot."""
@@ -419,8 +434,8 @@ class MetaTrainer(Engine):
             "steps": self.step,
             "stopped_early": self.step < self.total_steps,
             "seed": config["train"]["seed"],
-            "best": self.best,
-            "tested": "best.pt" if self.best is not None else "final weights",
+            # What was tested, as its checkpoint says (not the config nor the engine's state).
+            **self.tested,
             "data": self.fingerprints(),
             "wall_time_s": round(wall_time_s, 2),
             "test": {str(shot): result.as_dict() for shot, result in tests.items()},

@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def _train_supervised(args: argparse.Namespace) -> int:
+    from fewshot_nsl.config import ConfigError
+    from fewshot_nsl.engine import TrainingInterrupted
     from fewshot_nsl.supervised.config import load_supervised_config
     from fewshot_nsl.supervised.run import format_results, run_dir_for, run_supervised
 
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts a fresh run; it cannot be used with --resume")
     config = load_supervised_config(args.config, args.overrides)
-    out_dir = args.resume or args.out or run_dir_for(config)
-    results = run_supervised(
-        config, out_dir=out_dir, resume=args.resume is not None, progress=not args.quiet
-    )
+    out_dir = Path(args.resume or args.out or run_dir_for(config))
+    try:
+        results = run_supervised(
+            config,
+            out_dir=out_dir,
+            resume=args.resume is not None,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except TrainingInterrupted as stop:
+        where = out_dir.resolve()
+        stop.resume_command = (
+            f"fewshot-nsl train-supervised --config {where / 'config.yaml'} --resume {where}"
+        )
+        raise
     print(format_results(results))
     return 0
 
@@ -57,6 +73,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
     train.add_argument(
         "--quiet", action="store_true", help="print only errors, one line per run and the results"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the run already in the run directory (whole) and start a fresh one",
     )
     train.set_defaults(handler=_train_supervised)
 

@@ -9,6 +9,7 @@ Every key is documented in ``docs/supervised.md``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fewshot_nsl.config import (
     load_config,
     milestones,
     non_negative_int,
+    positive_float,
     positive_int,
 )
 from fewshot_nsl.model_config import check_backbone, check_conv
@@ -30,8 +32,8 @@ PENALTY_TARGETS = ("zero", "identity")
 
 
 def _non_negative_float(value: float) -> float:
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite number >= 0, got {value}")
     return value
 
 
@@ -80,7 +82,7 @@ SUPERVISED_DEFAULTS: dict[str, Any] = {
     "train": {
         "iterations": Field(42500, check=positive_int),
         "batch_size": Field(128, check=positive_int),
-        "lr": Field(0.1, types=(float,), check=_non_negative_float),
+        "lr": Field(0.1, types=(float,), check=positive_float),
         "lr_milestones": Field([20000, 30000, 37500], check=milestones),
         "lr_gamma": Field(0.1, types=(float,), check=_non_negative_float),
         # Linear warm-up over the first N iterations; 0 (the recipe) = none.
