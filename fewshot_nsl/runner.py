@@ -46,7 +46,13 @@ from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontal
 from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
-from fewshot_nsl.evaluation import EvalResult, evaluate_episodes, evaluate_shots, test_source
+from fewshot_nsl.evaluation import (
+    EvalResult,
+    episode_output,
+    evaluate_episodes,
+    evaluate_shots,
+    test_source,
+)
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS
 from fewshot_nsl.learners import Learner, build_learner
 from fewshot_nsl.stats import MeanCI, mean_ci
@@ -222,13 +228,17 @@ class MetaTrainer(Engine):
     def build_inputs(self) -> None:
         config, episodes = self.config, self.config["episodes"]
         train_split = self.split("train")
+        transform = train_transform(config, train_split)
         sampler = EpisodeSampler(
             train_split,
             episodes["way"],
             episodes["shot"],
             episodes["query"],
             seed=config["train"]["seed"],
-            transform=train_transform(config, train_split),
+            transform=transform,
+            # Without augmentation the sampler hands over uint8 pixels, converted on the
+            # device (gradient_step); augmentation runs on the host, on float images.
+            **(episode_output(self.device) if transform is None else {}),
         )
         self.batcher = TaskBatcher(
             sampler, episodes["tasks_per_batch"], rank=self.rank, world_size=self.world_size
@@ -242,6 +252,7 @@ class MetaTrainer(Engine):
                 episodes["query"],
                 seed=episodes["eval_seed"],
                 num_episodes=episodes["val_episodes"],
+                **episode_output(self.device),
             )
 
     # -- distributed seam --------------------------------------------------------------------
@@ -270,8 +281,9 @@ class MetaTrainer(Engine):
         tasks = self.batcher.batch(step)
         scale = 1.0 / self.batcher.tasks_per_batch  # global meta-batch size: see reduce_gradients
         total_loss = total_accuracy = 0.0
+        sampler = self.batcher.sampler
         for episode in tasks:
-            loss, accuracy = self.learner.meta_loss(episode.to(self.device))
+            loss, accuracy = self.learner.meta_loss(sampler.to_device(episode, self.device))
             (loss * scale).backward()  # one graph alive at a time: memory of a single task
             total_loss += float(loss.detach())
             total_accuracy += float(accuracy)
