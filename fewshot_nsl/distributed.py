@@ -374,7 +374,7 @@ class DistributedMetaTrainer(MetaTrainer):
     after setup — so a resume works even where other nodes cannot read rank 0's ``last.pt``.
 
     Args:
-        config, out_dir, quiet, log: as for :class:`MetaTrainer`.
+        config, out_dir, quiet, log, verify_data: as for :class:`MetaTrainer`.
         context: from :func:`init_distributed`; on CUDA the trainer runs on
             ``context.device`` (GPU ``LOCAL_RANK``).
     """
@@ -387,6 +387,7 @@ class DistributedMetaTrainer(MetaTrainer):
         context: DistributedContext,
         quiet: bool = False,
         log: Callable[[str], None] | None = None,
+        verify_data: str = "sampled",
     ) -> None:
         super().__init__(
             config,
@@ -395,6 +396,7 @@ class DistributedMetaTrainer(MetaTrainer):
             world_size=context.world_size,
             quiet=quiet,
             log=log,
+            verify_data=verify_data,
         )
         self.context = context
         if self.device.type == "cuda":

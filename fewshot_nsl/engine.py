@@ -18,7 +18,8 @@ training inputs             built after the model (samplers, batch streams)     
 one optimiser step          zero_grad → task → ``optimizer.step`` → schedule step  ``gradient_step``
 logging                     window means every ``log_every`` steps, progress bar
 evaluation cadence          every ``eval_every`` steps and (``final_evaluation``)   ``evaluate``
-                            at the last step; keeps the best (``best.pt``)
+                            at the last step; keeps the best (``best.pt``); stops
+                            early when the evaluation says so (``Evaluation.stop``)
 checkpoints                 ``last.pt`` every ``checkpoint_every`` and at the end
 run directory               :meth:`Engine.open_run`: start fresh / resume / refuse
 results                     ``results.json``                                        ``finish``
@@ -152,11 +153,14 @@ class Evaluation:
         message: one line for the user.
         best: a new best summary (stored in checkpoints, weights saved as ``best.pt``) when
             this evaluation improved on :attr:`Engine.best`; ``None`` otherwise.
+        stop: end training now (early stopping): ``last.pt`` is saved at this step and the
+            task's :meth:`Engine.finish` follows.
     """
 
     values: dict[str, Any]
     message: str
     best: dict[str, Any] | None = None
+    stop: bool = False
 
 
 def _progress_enabled(quiet: bool) -> bool:
@@ -300,6 +304,8 @@ class Engine(ABC):
         elif self.is_main:
             self.run_dir.write_config(self.config)
             self.run_dir.write_meta(data=self.fingerprints())
+            # The one line per run even with quiet (resuming, restore() says where instead).
+            self._log(f"[{self.config.get('name')}] run directory {self.run_dir.path}")
 
     def restore(self, path: Path) -> None:
         """Continue the run of checkpoint ``path``: weights, optimiser, schedule, step, best,
@@ -410,14 +416,21 @@ class Engine(ABC):
                 if self.step % train["log_every"] == 0 or self.step == total:
                     self._log_window(window, started, first, bar)
                     window = []
+                stop = False
                 if (every and self.step % every == 0) or (
                     self.step == total and self.final_evaluation
                 ):
-                    self._evaluate(bar)
-                if self.step == total or (
-                    train["checkpoint_every"] and self.step % train["checkpoint_every"] == 0
+                    stop = self._evaluate(bar)
+                if (
+                    stop
+                    or self.step == total
+                    or (train["checkpoint_every"] and self.step % train["checkpoint_every"] == 0)
                 ):
                     self.save(LAST)
+                if stop:  # early stopping: log the unfinished window, then finish
+                    if window:
+                        self._log_window(window, started, first, bar)
+                    break
 
     def _log_window(
         self, window: list[dict[str, float]], started: float, first: int, bar: tqdm
@@ -437,7 +450,8 @@ class Engine(ABC):
                 f"({rate:.1f} steps/s)"
             )
 
-    def _evaluate(self, bar: tqdm) -> None:
+    def _evaluate(self, bar: tqdm) -> bool:
+        """Evaluate, log, keep the best; whether the task asks to stop training."""
         evaluation = self.evaluate(self.step)
         if evaluation.best is not None:
             self.best = evaluation.best
@@ -445,6 +459,7 @@ class Engine(ABC):
         self.say(evaluation.message, bar)
         if evaluation.best is not None:
             self.save(BEST)
+        return evaluation.stop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Setup (or resume), train, finish; write and return ``results.json``'s payload."""

@@ -1,37 +1,53 @@
-"""Meta-steps per second of MAML and the NSN learners, side by side on the same episodes.
+"""Meta-steps per second: MAML and the NSN learners side by side, and the sequential vs the
+vectorised meta-batch (``train.meta_batch``).
 
-Each configuration is a learner built through ``build_learner`` (Conv-4-32, 5-way 1-shot,
-15 queries per class, 5 inner steps, 84×84×3 images unless ``--quick``). A meta-step is
-``meta_loss`` + ``backward`` + an Adam step on one episode. The configurations are timed in
-interleaved rounds (round r times every configuration once), so that a load change on a
-shared machine hits all of them alike. The table reports, per configuration, the best (min)
-and median time per meta-step, and the ratio to plain MAML of the same order as the median
-over rounds of the *paired* ratio (time in round r / MAML's time in round r): a pair runs
-seconds apart, under nearly the same load, which makes it far steadier than a ratio of two
-separately summarised timings on a machine shared with other jobs. ``--threads`` (default
-1) fixes the intra-op threads: on an oversubscribed machine two OpenMP threads per process
-mostly wait on each other. A separate, untimed pass reports the memory the autograd graph
-holds after the inner loop (``SavedTensorMeter``; CUDA peak when on a GPU).
+Table 1 (learners): each configuration is a learner built through ``build_learner``
+(Conv-4-32, 5-way 1-shot, 15 queries per class, 5 inner steps, 84×84×3 images unless
+``--quick``); a meta-step is ``meta_loss`` + ``backward`` + an Adam step on one episode. The
+ratio to plain MAML of the same order is the median [min-max] of per-round paired ratios. A
+separate, untimed pass reports the memory the autograd graph holds after the inner loop
+(``SavedTensorMeter``; CUDA peak when on a GPU).
 
-    python scripts/bench_learners.py            # 84×84, 5 rounds
-    python scripts/bench_learners.py --quick    # 32×32, 3 rounds
+Table 2 (meta-batch): second-order MAML, a meta-step = a meta-batch of T tasks + one Adam
+step, run as the training loop runs it with ``train.meta_batch: sequential`` (one
+``meta_loss`` + ``backward`` per task) and ``vectorised`` (``meta_loss_batch``: all tasks in
+one ``torch.func.vmap``), at 28×28 and 84×84, T = 2, 4, 8, 32, with 1 and 2 intra-op
+threads. Speed-up = sequential time / vectorised time, paired per round. Peak memory of one
+untimed meta-step (the first of a fresh process) beyond what was allocated before it: on a
+GPU ``torch.cuda.max_memory_allocated``; on a CPU the peak resident set (``ru_maxrss``) over
+the resident set before the step.
+
+Method (``benchtools``): wall-clock time; the variants of a row run in interleaved rounds,
+the order rotated every round; median [min-max] over rounds; the 1-minute load average is
+printed before and after, and a run on a machine loaded beyond its core count is refused
+(``--allow-loaded`` runs it, every figure flagged).
+
+    python scripts/bench_learners.py             # both tables, full sizes
+    python scripts/bench_learners.py --quick     # 28×28, 2 inner steps, T = 2, 4, 1 thread
+    python scripts/bench_learners.py --table meta-batch
     python scripts/bench_learners.py --profile static_nsn   # top ops of one meta-step
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from functools import partial
 from typing import Any
 
 import torch
+from benchtools import interleaved_seconds, load_guard, load_report, median_range, paired_ratios
 
 from episodes import Episode
 from fewshot_nsl.learners import MAML, build_learner
 
-# name, learner config, conv spec (None: plain), targets relative to plain MAML
+# name, learner config, conv spec (None: plain)
 CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
     ("maml", {"name": "maml"}, None),
     ("maml+checkpoint", {"name": "maml", "checkpoint_inner": True}, None),
@@ -43,7 +59,11 @@ CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
         {"kind": "dynamic", "granularity": "location"},
     ),
 ]
-TARGETS = {"static_nsn": 1.15, "dynamic_nsn/sample": 1.5}
+#: Targets relative to plain MAML (issue 14: dynamic NSN per location ≤ 2.5×).
+TARGETS = {"static_nsn": 1.15, "dynamic_nsn/sample": 1.5, "dynamic_nsn/location": 2.5}
+#: Targets of the vectorised meta-batch (speed-up over sequential) per (size, meta-batch).
+VECTORISED_TARGETS = {(84, 4): 1.5, (28, 32): 2.0}
+WAY, SHOT, QUERY = 5, 1, 15
 
 
 def make_episodes(
@@ -99,8 +119,65 @@ def meta_step(learner: MAML, optimizer: torch.optim.Optimizer, episode: Episode)
     optimizer.step()
 
 
+def batch_step(
+    learner: MAML, optimizer: torch.optim.Optimizer, episodes: list[Episode], vectorised: bool
+) -> None:
+    """One outer step on a meta-batch, as ``MetaTrainer.gradient_step`` runs it."""
+    optimizer.zero_grad(set_to_none=True)
+    together = learner.meta_loss_batch(episodes) if vectorised else None
+    if vectorised and together is None:
+        raise SystemExit("the vectorised meta-batch fell back to the sequential loop")
+    if together is not None:
+        together[0].backward()
+    else:
+        for episode in episodes:
+            loss, _ = learner.meta_loss(episode)
+            (loss / len(episodes)).backward()
+    optimizer.step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(
+    size: int, tasks: int, inner_steps: int, vectorised: bool, threads: int, device: torch.device
+) -> int:
+    """Peak memory of one meta-batch step beyond what was allocated before it, measured in a
+    fresh process (``--memory-probe``) so no earlier step's heap hides it."""
+    if device.type == "cuda":
+        return memory_probe(size, tasks, inner_steps, vectorised, threads, device)
+    command = [sys.executable, __file__, "--memory-probe", str(size), str(tasks)]
+    command += [str(inner_steps), str(int(vectorised)), str(threads)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return int(output.split()[-1])
+
+
+def memory_probe(
+    size: int, tasks: int, inner_steps: int, vectorised: bool, threads: int, device: torch.device
+) -> int:
+    """On a GPU, ``torch.cuda.max_memory_allocated`` growth over one step; on a CPU the
+    process's peak resident set (``ru_maxrss``) over its resident set before the step."""
+    torch.set_num_threads(threads)
+    episodes = make_episodes(tasks, WAY, SHOT, QUERY, size, device)
+    learner = build({"name": "maml"}, None, False, size, inner_steps, WAY, device)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        batch_step(learner, optimizer, episodes, vectorised)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/statm") as handle:
+        base = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    batch_step(learner, optimizer, episodes, vectorised)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
 def profile(
-    name: str, size: int, inner_steps: int, way: int, episodes: list[Episode], device: torch.device
+    name: str, size: int, inner_steps: int, episodes: list[Episode], device: torch.device
 ) -> None:
     """Print the 15 ops with the most self time in one second-order meta-step of ``name``."""
     matches = [(config, conv) for n, config, conv in CONFIGS if n == name]
@@ -109,7 +186,7 @@ def profile(
             f"--profile: unknown configuration {name!r}; choose from {[n for n, _, _ in CONFIGS]}"
         )
     config, conv = matches[0]
-    learner = build(config, conv, False, size, inner_steps, way, device)
+    learner = build(config, conv, False, size, inner_steps, WAY, device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     meta_step(learner, optimizer, episodes[0])  # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -121,20 +198,129 @@ def profile(
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=15))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def learners_table(
+    configs: list, size: int, inner_steps: int, rounds: int, device: torch.device
+) -> None:
+    """Table 1: every configuration's meta-step, and its paired ratio to plain MAML."""
+    episode = make_episodes(1, WAY, SHOT, QUERY, size, device)[0]
+    print(
+        f"\n## Learners: {WAY}-way {SHOT}-shot, {QUERY} queries/class, {inner_steps} inner "
+        f"steps, {size}x{size}x3, Conv-4-32, {torch.get_num_threads()} threads, "
+        f"{rounds} interleaved rounds (+1 warm-up)"
+    )
+    print(
+        "\n| learner | order | ms / meta-step, median [min-max] | meta-steps / s (median) "
+        "| × MAML: paired ratio, median [min-max] | target | graph memory after inner loop |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|")
+    for first_order in (False, True):
+        learners = {
+            name: build(config, conv, first_order, size, inner_steps, WAY, device)
+            for name, config, conv in configs
+        }
+        steps = {
+            name: partial(
+                meta_step, learner, torch.optim.Adam(learner.parameters(), lr=1e-3), episode
+            )
+            for name, learner in learners.items()
+        }
+        seconds = interleaved_seconds(steps, rounds, sync=lambda: synchronize(device))
+        for name, learner in learners.items():
+            learner.profile_memory = True
+            learner.meta_loss(episode)
+            learner.profile_memory = False
+            memory = learner.memory_profile[-1]
+            ratio, verdict = "-", "-"
+            if "maml" in seconds and name != "maml":
+                paired = paired_ratios(seconds[name], seconds["maml"])
+                ratio = median_range(paired)
+                target = TARGETS.get(name)
+                if target is not None:
+                    met = statistics.median(paired) <= target
+                    verdict = f"≤ {target} {'met' if met else 'MISSED'}"
+            held = f"{memory.saved_bytes / 2**20:.1f} MiB"
+            if memory.cuda_peak_bytes is not None:
+                held += f" (CUDA peak {memory.cuda_peak_bytes / 2**20:.1f} MiB)"
+            milliseconds = [1e3 * s for s in seconds[name]]
+            print(
+                f"| {name} | {'first' if first_order else 'second'} | "
+                f"{median_range(milliseconds, 0)} | {1 / statistics.median(seconds[name]):.2f} "
+                f"| {ratio} | {verdict} | {held} |"
+            )
+
+
+def meta_batch_table(
+    sizes: list[int],
+    meta_batches: list[int],
+    threads: list[int],
+    inner_steps: int,
+    rounds: int,
+    device: torch.device,
+) -> None:
+    """Table 2: sequential vs vectorised meta-batch of second-order MAML."""
+    print(
+        f"\n## Meta-batch: second-order MAML, {WAY}-way {SHOT}-shot, {QUERY} queries/class, "
+        f"{inner_steps} inner steps, Conv-4-32, {rounds} interleaved rounds (+1 warm-up)"
+    )
+    print(
+        "\n| size | tasks | threads | sequential meta-steps/s | vectorised meta-steps/s "
+        "| speed-up (paired), median [min-max] | target | peak memory seq / vec |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for size in sizes:
+        for tasks in meta_batches:
+            episodes = make_episodes(tasks, WAY, SHOT, QUERY, size, device)
+            for thread_count in threads:
+                torch.set_num_threads(thread_count)
+                steps = {}
+                for mode in ("sequential", "vectorised"):
+                    learner = build({"name": "maml"}, None, False, size, inner_steps, WAY, device)
+                    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+                    steps[mode] = partial(
+                        batch_step, learner, optimizer, episodes, mode == "vectorised"
+                    )
+                seconds = interleaved_seconds(steps, rounds, sync=lambda: synchronize(device))
+                peaks = {
+                    mode: peak_memory_bytes(
+                        size, tasks, inner_steps, mode == "vectorised", thread_count, device
+                    )
+                    for mode in steps
+                }
+                speedup = paired_ratios(seconds["sequential"], seconds["vectorised"])
+                target = VECTORISED_TARGETS.get((size, tasks))
+                verdict = "-"
+                if target is not None:
+                    met = statistics.median(speedup) >= target
+                    verdict = f"≥ {target} {'met' if met else 'MISSED'}"
+                rates = {mode: 1 / statistics.median(s) for mode, s in seconds.items()}
+                print(
+                    f"| {size}x{size} | {tasks} | {thread_count} | {rates['sequential']:.3f} "
+                    f"| {rates['vectorised']:.3f} | {median_range(speedup)} | {verdict} "
+                    f"| {peaks['sequential'] / 2**20:.0f} / "
+                    f"{peaks['vectorised'] / 2**20:.0f} MiB |",
+                    flush=True,
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32×32 images, 3 rounds")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 84)")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="28×28, 2 inner steps, 2 rounds; meta-batch table: T = 2, 4 at 1 thread",
+    )
+    parser.add_argument("--table", choices=["learners", "meta-batch", "both"], default="both")
+    parser.add_argument("--size", type=int, default=None, help="learners table: image side")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick: 2)")
+    parser.add_argument("--inner-steps", type=int, default=None, help="default 5 (--quick: 2)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="learners table: threads")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="run even when the 1-minute load exceeds the core count (figures flagged)",
+    )
     parser.add_argument(
         "--profile",
         metavar="NAME",
@@ -142,70 +328,49 @@ def main() -> None:
         help="instead of timing, profile one meta-step of configuration NAME "
         "(torch.profiler) and print the ops that dominate it",
     )
+    parser.add_argument("--memory-probe", nargs=5, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    size = args.size or (32 if args.quick else 84)
-    rounds = args.rounds or (3 if args.quick else 5)
+    if args.memory_probe is not None:  # SIZE TASKS INNER_STEPS VECTORISED THREADS
+        size, tasks, inner_steps, vectorised, threads = args.memory_probe
+        device = torch.device(args.device)
+        print(memory_probe(size, tasks, inner_steps, bool(vectorised), threads, device))
+        return
+    size = args.size or (28 if args.quick else 84)
+    rounds = args.rounds or (2 if args.quick else 5)
+    inner_steps = args.inner_steps or (2 if args.quick else 5)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    way, shot, query = 5, 1, 15
-    configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
-    episodes = make_episodes(rounds + 1, way, shot, query, size, device)
     if args.profile is not None:
-        profile(args.profile, size, args.inner_steps, way, episodes, device)
+        profile(
+            args.profile,
+            size,
+            inner_steps,
+            make_episodes(2, WAY, SHOT, QUERY, size, device),
+            device,
+        )
         return
 
+    load, cores = load_guard(args.allow_loaded)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {device}; {way}-way {shot}-shot, "
-        f"{query} queries/class, {args.inner_steps} inner steps, {size}x{size}x3, "
-        f"Conv-4-32, {rounds} interleaved rounds (+1 warm-up)"
+        f"# {name or platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"device {device}, wall-clock time"
     )
-    results = {}
-    for first_order in (False, True):
-        runs = {}
-        for name, config, conv in configs:
-            learner = build(config, conv, first_order, size, args.inner_steps, way, device)
-            runs[name] = (learner, torch.optim.Adam(learner.parameters(), lr=1e-3), [])
-        for round_index, episode in enumerate(episodes):
-            for learner, optimizer, times in runs.values():
-                synchronize(device)
-                start = time.perf_counter()
-                meta_step(learner, optimizer, episode)
-                synchronize(device)
-                if round_index > 0:  # the first round warms up allocators and caches
-                    times.append(time.perf_counter() - start)
-        for name, (learner, _, times) in runs.items():
-            learner.profile_memory = True
-            learner.meta_loss(episodes[0])
-            learner.profile_memory = False
-            results[(name, first_order)] = (times, learner.memory_profile[-1])
-
-    print(
-        "\n| learner | order | ms / meta-step (min / median) | meta-steps / s (median) "
-        "| × MAML: median paired ratio [min–max] | target | graph memory after inner loop |"
-    )
-    print("|---|---|---:|---:|---:|---|---:|")
-    for first_order in (False, True):
-        base = results.get(("maml", first_order))
-        for name, _, _ in configs:
-            times, memory = results[(name, first_order)]
-            best, median = min(times), statistics.median(times)
-            ratio, verdict = "-", "-"
-            if base is not None:
-                paired = [t / b for t, b in zip(times, base[0])]
-                central = statistics.median(paired)
-                ratio = f"{central:.2f} [{min(paired):.2f}–{max(paired):.2f}]"
-                target = TARGETS.get(name)
-                if target is not None:
-                    verdict = f"≤ {target} {'met' if central <= target else 'MISSED'}"
-            held = f"{memory.saved_bytes / 2**20:.1f} MiB"
-            if memory.cuda_peak_bytes is not None:
-                held += f" (CUDA peak {memory.cuda_peak_bytes / 2**20:.1f} MiB)"
-            print(
-                f"| {name} | {'first' if first_order else 'second'} | "
-                f"{best * 1e3:.0f} / {median * 1e3:.0f} | {1 / median:.2f} | {ratio} | "
-                f"{verdict} | {held} |"
-            )
+    start = time.perf_counter()
+    if args.table in ("learners", "both"):
+        configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
+        learners_table(configs, size, inner_steps, rounds, device)
+    if args.table in ("meta-batch", "both"):
+        meta_batch_table(
+            [28] if args.quick else [28, 84],
+            [2, 4] if args.quick else [2, 4, 8, 32],
+            [1] if args.quick else [1, 2],
+            inner_steps,
+            rounds,
+            device,
+        )
+    print(f"\nwall-clock time of the measurements: {time.perf_counter() - start:.1f} s")
+    load_report(load, cores)
 
 
 if __name__ == "__main__":

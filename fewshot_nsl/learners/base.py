@@ -3,7 +3,9 @@ helpers every learner shares."""
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,6 +23,10 @@ class Learner(nn.Module, ABC):
     MAML, prototypes for ProtoNet) and is opaque to the runner.
     """
 
+    #: Whether :meth:`adapt` accepts episodes of any way, not only the meta-training way (no
+    #: way-sized parameter): then ``episodes.test_way`` may differ from ``episodes.way``.
+    any_way: bool = False
+
     @abstractmethod
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> Any:
         """Adapt to a labelled support set; return the task state."""
@@ -36,6 +42,30 @@ class Learner(nn.Module, ABC):
         loss = nn.functional.cross_entropy(logits, episode.query_y)
         accuracy = (logits.argmax(dim=-1) == episode.query_y).float().mean()
         return loss, accuracy.detach()
+
+    def meta_loss_batch(
+        self, episodes: Sequence[Episode]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean :meth:`meta_loss` and accuracy of a meta-batch with every task computed at once
+        (``train.meta_batch: vectorised``), or ``None`` where this learner has no vectorised
+        form for these episodes: the caller then runs :meth:`meta_loss` task by task, the
+        reference. This default has none (one warning says so)."""
+        warn_sequential_once(f"{type(self).__name__} has no vectorised meta-batch")
+        return None
+
+
+#: Reasons already reported by :func:`warn_sequential_once` in this process.
+SEQUENTIAL_REASONS_WARNED: set[str] = set()
+
+
+def warn_sequential_once(reason: str) -> None:
+    """Warn that a meta-batch asked to run vectorised runs task by task, once per reason."""
+    if reason not in SEQUENTIAL_REASONS_WARNED:
+        SEQUENTIAL_REASONS_WARNED.add(reason)
+        warnings.warn(
+            f"train.meta_batch=vectorised: running the tasks sequentially ({reason})",
+            stacklevel=3,
+        )
 
 
 def check_common_options(way: object, similarity_penalty: object) -> None:

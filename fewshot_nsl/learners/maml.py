@@ -363,15 +363,15 @@ class MAML(Learner):
         return loss + penalty, accuracy.detach()
 
     def meta_loss_batch(
-        self, episodes: Sequence[Episode], vectorise: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, episodes: Sequence[Episode]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Mean :meth:`meta_loss` and accuracy over a meta-batch of ``episodes``, the tasks
         run together with ``torch.func.vmap`` (same values and gradients as the sequential
-        loop; falls back to it, with one warning, where vmap cannot apply; ``vectorise=False``
-        forces the sequential loop). See :mod:`fewshot_nsl.learners.vectorised`."""
+        loop to rounding); ``None``, with one warning, where vmap cannot apply. See
+        :mod:`fewshot_nsl.learners.vectorised`."""
         from fewshot_nsl.learners.vectorised import meta_loss_batch
 
-        return meta_loss_batch(self, episodes, vectorise)
+        return meta_loss_batch(self, episodes)
 
     # -- helpers -------------------------------------------------------------------------------
 

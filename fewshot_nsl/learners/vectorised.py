@@ -8,18 +8,25 @@ the outer ``backward`` differentiates through it as through the sequential loop 
 order unless ``first_order``). BatchNorm statistics stay per task: each task's batch is
 normalised by its own statistics, as transductive MAML needs.
 
-Where vmap cannot apply, :func:`meta_loss_batch` falls back to the sequential loop with one
-warning naming the reason: the ``running`` BatchNorm policy in training (its outer query
-pass updates shared running averages in place), ``checkpoint_inner`` and
-``profile_memory`` (hooks and checkpoints are not vmap-able), episodes of different shapes,
-or a backbone whose operations have no batching rule (e.g. in-place updates of its own
-buffers), reported by vmap itself.
+Where vmap cannot apply, :func:`meta_loss_batch` returns ``None`` (the caller runs the
+sequential loop) after one warning naming the reason: the ``running`` BatchNorm policy in
+training (its outer query pass updates shared running averages in place),
+``checkpoint_inner`` and ``profile_memory`` (hooks and checkpoints are not vmap-able),
+episodes of different shapes, or a backbone whose operations have no batching rule (e.g.
+in-place updates of its own buffers), reported by vmap itself. The training loop
+(``train.meta_batch``, :meth:`fewshot_nsl.runner.MetaTrainer.gradient_step`) is its user.
+
+Speed: on a 2-core CPU the vectorised meta-batch is SLOWER than the sequential loop (about
+2× at 28×28, meta-batch 8, Conv-4-32, one thread, under load; docs/benchmarks.md): the CPU
+sequential loop is bound by arithmetic, not per-operation overhead, a convolution grouped
+over tasks is no faster than one convolution per task, and the batch-statistics BatchNorm
+spelt out in elementary operations costs memory traffic the fused kernel does not. It is
+meant for accelerators, where one launch per operation for all tasks is what saves time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,12 +35,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from episodes import Episode
-from fewshot_nsl.learners.base import similarity_penalty_term
+from fewshot_nsl.learners.base import similarity_penalty_term, warn_sequential_once
 
 if TYPE_CHECKING:
     from fewshot_nsl.learners.maml import MAML
-
-_WARNED: set[str] = set()
 
 
 def _batch_norm_by_batch_statistics(norm: nn.modules.batchnorm._BatchNorm):
@@ -87,12 +92,6 @@ def sequential_fallback_reason(learner: MAML, episodes: Sequence[Episode]) -> st
     if len(shapes) != 1:
         return f"episodes of different shapes {sorted(shapes)}"
     return None
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"meta_loss_batch: running the tasks sequentially ({reason})", stacklevel=3)
 
 
 def sequential_meta_loss(
@@ -158,13 +157,14 @@ def vectorised_meta_loss(
 
 
 def meta_loss_batch(
-    learner: MAML, episodes: Sequence[Episode], vectorise: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean meta-loss and accuracy of a meta-batch: vectorised when possible, else the
-    sequential loop with one warning per reason (module docstring)."""
+    learner: MAML, episodes: Sequence[Episode]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`vectorised_meta_loss` of the meta-batch, or ``None`` (after one warning per
+    reason) where vmap cannot apply (module docstring): the caller then runs the tasks one
+    by one."""
     if not episodes:
         raise ValueError("meta_loss_batch needs at least one episode")
-    reason = sequential_fallback_reason(learner, episodes) if vectorise else "vectorise=False"
+    reason = sequential_fallback_reason(learner, episodes)
     if reason is None:
         try:
             return vectorised_meta_loss(learner, episodes)
@@ -172,6 +172,5 @@ def meta_loss_batch(
             if "vmap" not in str(error) and "batch" not in str(error).lower():
                 raise
             reason = f"vmap failed: {str(error).splitlines()[0]}"
-    if vectorise:
-        _warn_once(reason)
-    return sequential_meta_loss(learner, episodes)
+    warn_sequential_once(reason)
+    return None
