@@ -62,15 +62,17 @@ class Episode:
         std``, converted there (pass ``split.normalization``); float episodes just move."""
         if not self.is_uint8:
             return self.to(device, non_blocking) if device is not None else self
-        images = to_float_normalized(
-            torch.cat([self.support_x, self.query_x]), mean, std, device, non_blocking
+        # Each side on its own: elementwise, so the same values as one joint conversion,
+        # without first copying support and query into one host buffer.
+        support_x, query_x = (
+            to_float_normalized(pixels, mean, std, device, non_blocking)
+            for pixels in (self.support_x, self.query_x)
         )
-        num_support = len(self.support_x)
-        target = images.device
+        target = support_x.device
         return replace(
             self,
-            support_x=images[:num_support],
-            query_x=images[num_support:],
+            support_x=support_x,
+            query_x=query_x,
             support_y=self.support_y.to(target, non_blocking=non_blocking),
             query_y=self.query_y.to(target, non_blocking=non_blocking),
         )

@@ -140,20 +140,33 @@ class EpisodeSource(Dataset):
             generator = torch.Generator().manual_seed(torch_seed)
             images = self.transform(uint8_to_float(pixels), generator)
         num_support = len(support_rows)
-        labels = torch.arange(way, dtype=torch.int64)
+        labels = np.arange(way, dtype=np.int64)
         return Episode(
             support_x=images[:num_support],
-            support_y=labels.repeat_interleave(shot),
+            support_y=torch.from_numpy(np.repeat(labels, shot)),
             query_x=images[num_support:],
-            query_y=labels.repeat_interleave(query),
-            # Copies: the episode never aliases a manifest's stored arrays.
-            classes=torch.tensor(classes, dtype=torch.int64),
-            support_indices=torch.tensor(support_rows, dtype=torch.int64),
-            query_indices=torch.tensor(query_rows, dtype=torch.int64),
+            query_y=torch.from_numpy(np.repeat(labels, query)),
+            # Copies (np.array copies): the episode never aliases a manifest's stored arrays.
+            classes=torch.from_numpy(np.array(classes, dtype=np.int64)),
+            support_indices=torch.from_numpy(np.array(support_rows, dtype=np.int64)),
+            query_indices=torch.from_numpy(np.array(query_rows, dtype=np.int64)),
             way=way,
             shot=shot,
             query=query,
         )
+
+    def to_device(
+        self, episode: Episode, device: torch.device | str, non_blocking: bool = True
+    ) -> Episode:
+        """``episode`` (one of this source's) as float32 ``(n, C, H, W)`` images on ``device``.
+
+        A uint8 episode (``output="uint8"``) crosses to ``device`` as uint8 and is converted
+        and normalised there with ``split.normalization``, the constants and operations of
+        the float path's default transform: on CPU the result is bit-identical to
+        ``output="float"``. A float episode just moves. The trainers' one way to take an
+        episode onto their device.
+        """
+        return episode.to_float(*self.split.normalization, device=device, non_blocking=non_blocking)
 
     # Subclasses define episode(i) and optionally __len__.
     def episode(self, index: int) -> Episode:
@@ -211,6 +224,7 @@ class EpisodeSampler(EpisodeSource):
             raise ValueError(f"num_episodes must be >= 0 or None, got {num_episodes}")
         self.way, self.shot, self.query = way, shot, int(query)
         self.num_episodes = num_episodes
+        self._split_hash = stable_hash(split.name, split.split)  # part of every episode seed
         way_bounds = _spec_bounds(way, "way")
         shot_bounds = _spec_bounds(shot, "shot")
         if way_bounds is not None:
@@ -263,9 +277,12 @@ class EpisodeSampler(EpisodeSource):
         shot, torch_seed)``; what a manifest stores."""
         if self.num_episodes is not None and index >= self.num_episodes:
             raise IndexError(f"episode {index} out of range: the sampler has {self.num_episodes}")
-        root = episode_seed_sequence(self.seed, self.split, index)
-        sampling_seq, transform_seq = root.spawn(2)
-        rng = np.random.default_rng(sampling_seq)
+        if index < 0:
+            raise IndexError(f"episode index must be >= 0, got {index}")
+        # episode_seed_sequence(seed, split, index).spawn(2), built directly (spawn's child i
+        # is SeedSequence(root.entropy, spawn_key=(i,))) without spawn's overhead.
+        entropy = [self.seed, self._split_hash, index]
+        rng = np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(0,)))
         way = _draw(self.way, rng, "way", 1)
         shot = _draw(self.shot, rng, "shot", 1)
         if callable(self.way):
@@ -281,6 +298,7 @@ class EpisodeSampler(EpisodeSource):
             picked = rows[rng.choice(len(rows), size=per_class, replace=False)]
             support_rows[label] = picked[:shot]
             query_rows[label] = picked[shot:]
+        transform_seq = np.random.SeedSequence(entropy, spawn_key=(1,))
         torch_seed = int(transform_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
         return classes.astype(np.int64), support_rows.ravel(), query_rows.ravel(), shot, torch_seed
 

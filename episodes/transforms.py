@@ -8,6 +8,7 @@ parameters per image (not one per batch).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -100,8 +101,20 @@ def to_float_normalized(
         )
     device = pixels.device if device is None else torch.device(device)
     pixels = pixels.to(device, non_blocking=non_blocking)
-    scale, bias = normalization_constants(mean, std, device)
+    scale, bias = _cached_constants(
+        tuple(float(m) for m in mean), tuple(float(s) for s in std), device
+    )
     return uint8_to_float(pixels, scale, bias)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`normalization_constants`, made once per (mean, std, device): a trainer converts
+    every episode with the same ones, and building them costs small host->device copies.
+    Shared read-only (only ever read by :func:`uint8_to_float`)."""
+    return normalization_constants(mean, std, device)
 
 
 class Transform:

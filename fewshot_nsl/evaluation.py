@@ -25,6 +25,7 @@ from fewshot_nsl.stats import MeanCI, mean_ci
 
 __all__ = [
     "EvalResult",
+    "episode_output",
     "episode_progress",
     "evaluate_episodes",
     "evaluate_shots",
@@ -51,6 +52,14 @@ def val_query(config: Mapping[str, Any]) -> int:
     return episodes.get("val_query") or episodes["query"]
 
 
+def episode_output(device: torch.device) -> dict[str, Any]:
+    """How samplers hand episodes to a trainer on ``device``: uint8 pixels (pinned for a
+    CUDA device), converted and normalised there by ``source.to_device`` — 4x fewer bytes
+    to copy than float32 and one fused conversion; on CPU the same values as the float path.
+    """
+    return {"output": "uint8", "pin_memory": device.type == "cuda"}
+
+
 def evaluate_episodes(
     learner: Learner,
     source: EpisodeSource,
@@ -74,7 +83,7 @@ def evaluate_episodes(
     try:
         with torch.no_grad():
             for position, index in enumerate(indices):
-                episode = source.episode(int(index)).to(device)
+                episode = source.to_device(source.episode(int(index)), device)
                 state = learner.adapt(episode.support_x, episode.support_y, episode.way)
                 logits = learner.predict(state, episode.query_x)
                 correct = (logits.argmax(dim=-1) == episode.query_y).double().mean()
@@ -133,17 +142,20 @@ def test_source(
     shot: int,
     num_episodes: int,
     manifest: str | None = None,
+    device: torch.device | None = None,
 ) -> tuple[EpisodeSource, int, str]:
     """The frozen test episodes of ``shot``: ``(source, num_episodes, description)``.
 
     From a manifest when given (``{shot}`` in the path is replaced by the shot; all its
     episodes are used), else ``EpisodeSampler(split, test_way, shot, test_query,
     seed=episodes.eval_seed)`` — the same episodes for every model evaluated on this data.
+    With ``device``, the source hands over uint8 episodes for it (:func:`episode_output`).
     """
     episodes = config["episodes"]
+    output = episode_output(device) if device is not None else {}
     if manifest:
         path = manifest.format(shot=shot)
-        source = load_manifest(path, split, way=test_way(config), shot=shot)
+        source = load_manifest(path, split, way=test_way(config), shot=shot, **output)
         return source, len(source), f"manifest {path}"
     sampler = EpisodeSampler(
         split,
@@ -152,6 +164,7 @@ def test_source(
         episodes["test_query"],
         seed=episodes["eval_seed"],
         num_episodes=num_episodes,
+        **output,
     )
     return sampler, num_episodes, f"sampler seed {episodes['eval_seed']}"
 
@@ -206,7 +219,9 @@ def evaluate_shots(
     results = {}
     label = config.get("name") if label is None else label
     for shot in shots:
-        source, count, description = test_source(config, split, shot, num_episodes, manifest)
+        source, count, description = test_source(
+            config, split, shot, num_episodes, manifest, device
+        )
         indices = list(range(count))
         mine = shard(indices) if shard is not None else indices
         desc = f"[{label}] test {shot}-shot"

@@ -52,6 +52,7 @@ from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
 from fewshot_nsl.evaluation import (
     EvalResult,
+    episode_output,
     episode_progress,
     evaluate_episodes,
     evaluate_shots,
@@ -258,13 +259,17 @@ class MetaTrainer(Engine):
     def build_inputs(self) -> None:
         config, episodes = self.config, self.config["episodes"]
         train_split = self.split("train")
+        transform = train_transform(config, train_split)
         sampler = EpisodeSampler(
             train_split,
             episodes["way"],
             episodes["shot"],
             episodes["query"],
             seed=config["train"]["seed"],
-            transform=train_transform(config, train_split),
+            transform=transform,
+            # Without augmentation the sampler hands over uint8 pixels, converted on the
+            # device (gradient_step); augmentation runs on the host, on float images.
+            **(episode_output(self.device) if transform is None else {}),
         )
         self.batcher = TaskBatcher(
             sampler, episodes["tasks_per_batch"], rank=self.rank, world_size=self.world_size
@@ -278,6 +283,7 @@ class MetaTrainer(Engine):
                 val_query(config),
                 seed=episodes["eval_seed"],
                 num_episodes=episodes["val_episodes"],
+                **episode_output(self.device),
             )
 
     # -- distributed seam --------------------------------------------------------------------
@@ -306,9 +312,12 @@ class MetaTrainer(Engine):
         tasks = self.batcher.batch(step)
         scale = 1.0 / self.batcher.tasks_per_batch  # global meta-batch size: see reduce_gradients
         total_loss = total_accuracy = 0.0
+        sampler = self.batcher.sampler  # its to_device converts uint8 episodes on the device
         together = None
         if self.config["train"]["meta_batch"] == "vectorised":  # None: the learner cannot
-            together = self.learner.meta_loss_batch([e.to(self.device) for e in tasks])
+            together = self.learner.meta_loss_batch(
+                [sampler.to_device(episode, self.device) for episode in tasks]
+            )
         if together is not None:  # the mean over this rank's tasks, as one graph
             loss, accuracy = together
             (loss * (len(tasks) * scale)).backward()
@@ -318,7 +327,7 @@ class MetaTrainer(Engine):
             )
         else:
             for episode in tasks:
-                loss, accuracy = self.learner.meta_loss(episode.to(self.device))
+                loss, accuracy = self.learner.meta_loss(sampler.to_device(episode, self.device))
                 (loss * scale).backward()  # one graph alive at a time: memory of a single task
                 total_loss += float(loss.detach())
                 total_accuracy += float(accuracy)

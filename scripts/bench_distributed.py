@@ -8,11 +8,14 @@ Usage (from the repository root)::
 A configuration ``PxT`` is P processes with T intra-op threads each. Each runs in fresh
 processes (``python -m torch.distributed.run`` for P > 1, a plain subprocess for P = 1, which
 creates no process group). ``1x2`` is the honest alternative to ``2x1`` on two cores: one
-process using both cores through intra-op threading. The configurations alternate round
-after round and the median is reported, since other jobs may share the machine. Printed per
-configuration: meta-steps/s, the ratio to the first configuration, and the share of a step
-spent in the gradient and buffer all-reduce (``reduce_gradients``; the small metric
-all-reduce is not included).
+process using both cores through intra-op threading. Method of ``benchtools``: wall-clock
+time; the configurations are interleaved in rounds (order rotated every round); printed per
+configuration as median [min-max] over rounds: meta-steps/s, the paired per-round ratio to
+the first configuration, and the share of a step spent in the gradient and buffer
+all-reduce (``reduce_gradients``; the small metric all-reduce is not included). The 1-minute
+load average is printed before and after; a run on a machine loaded beyond its core count
+is refused (``--allow-loaded`` runs it, every figure flagged). More processes x threads than
+cores measures oversubscription, not scaling.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchtools import load_guard, load_report, median_range, paired_ratios
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +146,12 @@ def main() -> None:
         help="PROCESSESxTHREADS to compare (the first is the baseline)",
     )
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="run even when the 1-minute load exceeds the core count (figures flagged)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed meta-steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed meta-steps first")
     parser.add_argument("--tasks-per-batch", type=int, default=4, help="global meta-batch")
@@ -161,6 +170,10 @@ def main() -> None:
         if not (procs.isdigit() and threads.isdigit() and int(procs) >= 1 and int(threads) >= 1):
             parser.error(f"--configs: {text!r} is not PROCESSESxTHREADS (e.g. 2x1)")
         configs.append((int(procs), int(threads)))
+    load, cores = load_guard(args.allow_loaded)
+    for procs, threads in configs:
+        if procs * threads > cores:
+            print(f"!!! {procs}x{threads} uses more threads than the {cores} cores: oversubscribed")
 
     print(f"# meta-batch {args.tasks_per_batch}, 5-way 1-shot {args.query}-query, "
           f"{args.image_size}x{args.image_size}, Conv-4 x{args.filters}, MAML "
@@ -169,20 +182,24 @@ def main() -> None:
     speeds: dict[tuple[int, int], list[float]] = {config: [] for config in configs}
     shares: dict[tuple[int, int], list[float]] = {config: [] for config in configs}
     for round_index in range(args.rounds):
-        for procs, threads in configs:
+        shift = round_index % len(configs)  # rotated: no configuration always runs first
+        for procs, threads in configs[shift:] + configs[:shift]:
             record = launch(procs, threads, args)
             speeds[procs, threads].append(record["steps_per_s"])
             shares[procs, threads].append(record["reduce_share"])
             print(f"round {round_index + 1}: {procs} process(es) x {threads} thread(s): "
                   f"{record['steps_per_s']:.2f} meta-steps/s", flush=True)  # fmt: skip
-    baseline = statistics.median(speeds[configs[0]])
-    print()
-    print("| processes x threads | meta-steps/s (median) | vs first | all-reduce share |")
+    print(f"\nwall clock, {args.rounds} interleaved rounds: median [min-max] over rounds")
+    print("| processes x threads | meta-steps/s | vs first (paired rounds) | all-reduce share % |")
     print("|---|---|---|---|")
-    for procs, threads in configs:
-        speed = statistics.median(speeds[procs, threads])
-        print(f"| {procs} x {threads} | {speed:.2f} | {speed / baseline:.2f}x | "
-              f"{100 * statistics.median(shares[procs, threads]):.1f}% |")  # fmt: skip
+    for config in configs:
+        ratios = paired_ratios(speeds[config], speeds[configs[0]])
+        share = [100 * value for value in shares[config]]
+        print(
+            f"| {config[0]} x {config[1]} | {median_range(speeds[config])} "
+            f"| {median_range(ratios)} | {median_range(share, 1)} |"
+        )
+    load_report(load, cores)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 Generates its own fake Mini-ImageNet-like data (default 20 classes × 600 images, 84×84×3),
 converts it to the canonical cache with ``prepare_mini_imagenet`` and reads it in memory and
 memory-mapped, as float episodes (normalised on the host) and as uint8 episodes (raw pixels
-for conversion on the training device); the baseline decodes each episode's images from JPEG
-files with Pillow. Single process, ``torch.set_num_threads(1)``, wall-clock time only. The
-variants are interleaved in rounds (order rotated) and compared as the median [min-max] of
-per-round ratios. The 1-minute load average is printed before and after; a run on a machine
-loaded beyond its core count is refused (``--allow-loaded`` runs it, flagged).
+for conversion on the training device: the path training and evaluation use), the latter
+also with that conversion done on a CPU device (``uint8+cpu``); the baseline decodes each
+episode's images from JPEG files with Pillow. Single process, ``torch.set_num_threads(1)``,
+wall-clock time only. The variants are interleaved in rounds (order rotated) and compared as
+the median [min-max] of per-round ratios. The 1-minute load average is printed before and
+after; a run on a machine loaded beyond its core count is refused (``--allow-loaded`` runs
+it, flagged).
 
     python scripts/bench_episodes.py [--classes 20] [--images 600] [--episodes 300] [--rounds 5]
 """
@@ -132,12 +134,14 @@ def main() -> None:
             "mmap float": (mapped, "float"),
             "RAM uint8": (split, "uint8"),
             "mmap uint8": (mapped, "uint8"),
+            "RAM uint8+cpu": (split, "uint8"),  # + the trainer's conversion on a CPU device
         }
         normalize = Normalize(split.mean, split.std)
         print(
             f"wall-clock episodes/s, 5-way, 15 queries; {args.rounds} rounds of {args.episodes} "
             "episodes per variant, variants interleaved (order rotated each round); "
-            "'uint8' = raw pixels handed over, converted later by the trainer (not timed here)"
+            "'uint8' = raw pixels handed over, converted later by the trainer (not timed); "
+            "'uint8+cpu' = with that conversion on a CPU device (sampler.to_device)"
         )
         wall_start = time.perf_counter()
         for shot in (1, 5):
@@ -166,6 +170,11 @@ def main() -> None:
                             naive_episode(
                                 folder / "jpeg", split.class_names, labels, within, normalize
                             )
+                    elif name.endswith("+cpu"):
+                        sampler, count = samplers[name], args.episodes
+                        start = time.perf_counter()
+                        for i in range(first, first + count):
+                            sampler.to_device(sampler[i], "cpu")
                     else:
                         sampler, count = samplers[name], args.episodes
                         start = time.perf_counter()
@@ -174,11 +183,12 @@ def main() -> None:
                     rates[name].append(count / (time.perf_counter() - start))
             print(f"\n5-way {shot}-shot: rate per variant, median [min-max] over rounds")
             for name, values in rates.items():
-                print(f"  {name:<12} {median_range(values)} episodes/s")
+                print(f"  {name:<14} {median_range(values)} episodes/s")
             print("  paired ratios per round, median [min-max]:")
             for a, b in (
                 ("RAM float", "Pillow JPEG"),
                 ("RAM uint8", "RAM float"),
+                ("RAM uint8+cpu", "RAM float"),
                 ("mmap float", "RAM float"),
                 ("mmap uint8", "RAM uint8"),
             ):

@@ -1,10 +1,13 @@
 """Plain CNN-9 vs static NSN vs dynamic NSN on the synthetic glyphs: error, size, speed.
 
 A short CPU training run of each variant on the same data (same seed, same batches), then
-inference throughput of every model *side by side*: interleaved rounds (plain, static,
-static folded, static exported, dynamic, plain, ...), each model's time divided by the plain
-CNN's time in the same round, median over rounds. On a shared machine this ratio is what
-means something; absolute images/s move with the other jobs' load.
+inference throughput of every model *side by side*, by the method of ``benchtools``: wall-clock
+time, interleaved rounds (plain, static, static folded, static exported, dynamic, ...; the
+order rotated every round), each model's time divided by the plain CNN's time in the same
+round, reported as median [min-max] over rounds. The 1-minute load average is printed before
+and after; a run on a machine loaded beyond its core count is refused (``--allow-loaded``
+runs it, every figure flagged). The training times are one wall-clock run per variant, one
+after the other (not interleaved): indicative only.
 
 Target: the folded static NSN (and its ``torch.export`` file) within 1.05x of the CNN.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,13 +31,13 @@ import time
 from pathlib import Path
 
 import torch
+from benchtools import interleaved_seconds, load_guard, load_report, median_range, paired_ratios
 
 from fewshot_nsl.config import resolve_config
 from fewshot_nsl.nn import fold_model
 from fewshot_nsl.supervised import (
     SUPERVISED_DEFAULTS,
     SupervisedTrainer,
-    compare_throughput,
     evaluate,
     export_model,
     load_exported,
@@ -87,6 +91,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="passes per model per round")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="run even when the 1-minute load exceeds the core count (figures flagged)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     if args.quick:
@@ -122,8 +131,40 @@ def config_for(conv: dict, args: argparse.Namespace) -> dict:
     )
 
 
+def interleaved_throughput(
+    models: dict[str, torch.nn.Module],
+    image_shape: tuple[int, int, int],
+    args: argparse.Namespace,
+) -> dict[str, dict[str, list[float]]]:
+    """Per model, per interleaved round: images/s and time / time of the reference model
+    (``plain`` when timed, else the first) in the same round; ``args.repeats`` forward passes
+    of a random batch of ``args.speed_batch`` images per model per round."""
+    images = torch.randn(args.speed_batch, *image_shape, generator=torch.Generator().manual_seed(0))
+
+    def passes(model: torch.nn.Module):
+        def run() -> None:
+            for _ in range(args.repeats):
+                model(images)
+
+        return run
+
+    with torch.inference_mode():
+        seconds = interleaved_seconds(
+            {name: passes(model) for name, model in models.items()}, args.rounds
+        )
+    reference = "plain" if "plain" in models else next(iter(models))
+    return {
+        name: {
+            "images_per_s": [args.speed_batch * args.repeats / t for t in times],
+            "time_ratio": paired_ratios(times, seconds[reference]),
+        }
+        for name, times in seconds.items()
+    }
+
+
 def main() -> int:
     args = parse_args()
+    load, cores = load_guard(args.allow_loaded)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -180,20 +221,12 @@ def main() -> int:
             speed_models[f"{name} exported"] = load_exported(exported_path)[0]
 
     reference = "plain" if "plain" in speed_models else next(iter(speed_models))
-    speeds = compare_throughput(
-        speed_models,
-        data.image_shape,
-        batch_size=args.speed_batch,
-        rounds=args.rounds,
-        repeats=args.repeats,
-        reference=reference,
-    )
+    speeds = interleaved_throughput(speed_models, data.image_shape, args)
     plain_train = rows.get(reference, {}).get("train_s_per_iter")
 
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-        f"shared with other jobs"
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
     print(
         f"data: synthetic glyphs {data.image_shape}, {data.num_classes} classes, "
@@ -202,8 +235,13 @@ def main() -> int:
         f"{args.lr}, warm-up {args.warmup}\n"
     )
     print(
+        f"inference: {args.rounds} interleaved rounds of {args.repeats} passes of batch "
+        f"{args.speed_batch}, wall clock; median [min-max] over rounds; train s/iter: one "
+        "run each, not interleaved\n"
+    )
+    print(
         "| model | test error | params | NSL params | train s/iter (x plain) "
-        "| inference img/s | time x plain (median) |"
+        "| inference img/s | time x plain (paired rounds) |"
     )
     print("|---|---|---|---|---|---|---|")
     for model_name, speed in speeds.items():
@@ -223,16 +261,21 @@ def main() -> int:
         nsl = 0 if folded else row["nsl_parameters"]
         print(
             f"| {model_name} | {100 * error:.1f}% | {params:,} | {nsl:,} | {train} "
-            f"| {speed['images_per_s']:.0f} | {speed['time_ratio']:.3f} |"
+            f"| {median_range(speed['images_per_s'], 0)} "
+            f"| {median_range(speed['time_ratio'], 3)} |"
         )
     folded_ratios = {
-        k: v["time_ratio"] for k, v in speeds.items() if k.endswith(("folded", "exported"))
+        k: statistics.median(v["time_ratio"])
+        for k, v in speeds.items()
+        if k.endswith(("folded", "exported"))
     }
     if folded_ratios:
         worst = max(folded_ratios.values())
         verdict = "MET" if worst <= 1.05 else "MISSED"
         if args.quick:  # ~1 ms passes: Python overhead and load spikes dominate
             verdict += " (--quick: smoke run, timings not meaningful)"
+        elif max(load, os.getloadavg()[0]) > cores:
+            verdict += " (machine loaded: not an idle-core figure)"
         print(
             f"\nfolded/exported static NSN vs CNN (median time ratio): "
             f"{statistics.median(folded_ratios.values()):.3f}, worst {worst:.3f} -> "
@@ -241,6 +284,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "speeds": speeds}, indent=2))
     print(f"total {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    load_report(load, cores)
     return 0
 
 

@@ -18,6 +18,7 @@ from episodes import (
     save_manifest,
     transforms,
 )
+from episodes.sampler import episode_seed_sequence
 
 
 def assert_same_episode(a: Episode, b: Episode) -> None:
@@ -78,6 +79,38 @@ def test_episode_is_a_pure_function_of_seed_split_and_index(glyph_split, glyph_s
     assert not torch.equal(forward[0].support_indices, forward[1].support_indices)
     with pytest.raises(IndexError):
         sampler[-1]
+
+
+def reference_draw(split, way, shot, query, seed, index):
+    """Episode ``index`` drawn straight from the documented definition, one step at a time:
+    the root ``episode_seed_sequence``, its two spawned children (sampling, transform), the
+    way/shot draws (an int, or an inclusive range), the classes, then each class's rows (found
+    by a scan of the labels)."""
+    sampling, transform = episode_seed_sequence(seed, split, index).spawn(2)
+    rng = np.random.default_rng(sampling)
+    sizes = [s if isinstance(s, int) else int(rng.integers(s[0], s[1] + 1)) for s in (way, shot)]
+    way, shot = sizes
+    classes = rng.choice(split.num_classes, size=way, replace=False)
+    support, queries = [], []
+    for class_id in classes:
+        rows = np.flatnonzero(split.labels == class_id)
+        picked = rows[rng.choice(len(rows), size=shot + query, replace=False)]
+        support += picked[:shot].tolist()
+        queries += picked[shot:].tolist()
+    torch_seed = int(transform.generate_state(1, dtype=np.uint64)[0]) >> 1
+    return classes.tolist(), support, queries, shot, torch_seed
+
+
+@pytest.mark.parametrize("fixture", ["glyph_split", "glyph_split_rgb"])
+@pytest.mark.parametrize("way,shot", [(5, 2), ((2, 5), (1, 3))])
+def test_the_draw_follows_its_definition(fixture, way, shot, request):
+    """The sampler's fast draw (seeds built directly, cached split hash) is the definition."""
+    split = request.getfixturevalue(fixture)
+    sampler = EpisodeSampler(split, way, shot, 2, seed=11)
+    for index in (0, 1, 7, 123456):
+        classes, support, queries, drawn_shot, torch_seed = sampler.indices(index)
+        got = (classes.tolist(), support.tolist(), queries.tolist(), drawn_shot, torch_seed)
+        assert got == reference_draw(split, way, shot, 2, 11, index)
 
 
 # --------------------------------------------------------------------------- bad settings
@@ -392,6 +425,23 @@ def test_uint8_output_is_the_same_episode_as_the_float_path(fixture, request, tm
     replay = load_manifest(tmp_path / "m.npz", split, output="uint8")
     for index in range(6):
         assert_uint8_matches_float(replay[index], flt[index], mean, std)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_uint8_episodes_pinned_and_converted_on_the_gpu_match_the_float_path(glyph_split_rgb):
+    """The trainer's CUDA route: pinned uint8 episodes, converted on the GPU, are the float
+    path's episodes within float rounding (and have their labels on the GPU)."""
+    flt = EpisodeSampler(glyph_split_rgb, 3, 2, 2, seed=5)
+    raw = EpisodeSampler(glyph_split_rgb, 3, 2, 2, seed=5, output="uint8", pin_memory=True)
+    for index in range(4):
+        episode = raw[index]
+        assert episode.support_x.is_pinned()
+        on_gpu = raw.to_device(episode, "cuda")
+        for side in ("support_x", "query_x", "support_y", "query_y"):
+            assert getattr(on_gpu, side).is_cuda, side
+            torch.testing.assert_close(
+                getattr(on_gpu, side).cpu(), getattr(flt[index], side), rtol=0, atol=1e-6
+            )
 
 
 def test_uint8_output_refuses_a_transform_and_pinning_without_cuda(glyph_split):

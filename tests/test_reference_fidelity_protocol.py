@@ -123,7 +123,7 @@ def test_validation_loss_is_the_mean_query_cross_entropy(tmp_path: Path) -> None
     learner.eval()
     with torch.no_grad():
         for index, loss in enumerate(losses):  # by hand: -mean log softmax of the true class
-            episode = sampler.episode(index)
+            episode = sampler.to_device(sampler.episode(index), trainer.device)
             support = learner.backbone(episode.support_x)
             prototypes = torch.stack([support[episode.support_y == n].mean(0) for n in range(3)])
             query = learner.backbone(episode.query_x)

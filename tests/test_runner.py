@@ -20,6 +20,7 @@ from fewshot_nsl.checkpoint import (
 )
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.evaluation import evaluate_episodes
+from fewshot_nsl.evaluation import test_source as frozen_test_source
 from fewshot_nsl.fewshot_config import resolve_fewshot_config
 from fewshot_nsl.runlog import RunDir
 from fewshot_nsl.runner import DatasetNotFound, MetaTrainer, load_split
@@ -294,7 +295,7 @@ def test_meta_gradient_is_the_mean_of_the_task_gradients(tmp_path: Path) -> None
     assert len(tasks) == 2
     for episode in tasks:
         learner.zero_grad()
-        loss, _ = learner.meta_loss(episode)
+        loss, _ = learner.meta_loss(trainer.batcher.sampler.to_device(episode, trainer.device))
         loss.backward()
         for name, p in learner.named_parameters():
             if p.grad is not None:
@@ -307,6 +308,64 @@ def test_meta_gradient_is_the_mean_of_the_task_gradients(tmp_path: Path) -> None
     assert captured.keys() and all(
         torch.allclose(captured[name], expected[name], atol=1e-6) for name in captured
     )
+
+
+def test_uint8_episodes_train_and_evaluate_as_the_float_path_bit_for_bit(tmp_path: Path) -> None:
+    """Training and evaluation take uint8 episodes from the samplers and convert them on the
+    device: on CPU the losses, gradients and accuracies equal those of float episodes
+    normalised on the host, exactly. With augmentation the train sampler stays float."""
+    from episodes import EpisodeSampler, TaskBatcher
+
+    trainer = MetaTrainer(tiny_config(), tmp_path, quiet=True)
+    trainer.setup()
+    uint8_sampler, val_sampler = trainer.batcher.sampler, trainer.val_sampler
+    assert uint8_sampler.output == val_sampler.output == "uint8"
+    assert not uint8_sampler.pin_memory  # pinned only for a CUDA device
+    assert trainer.batcher.batch(0)[0].is_uint8
+
+    def step_and_gradients() -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        trainer.learner.zero_grad()
+        metrics = trainer.gradient_step(0)
+        grads = {
+            n: p.grad.clone() for n, p in trainer.learner.named_parameters() if p.grad is not None
+        }
+        return metrics, grads
+
+    uint8_metrics, uint8_grads = step_and_gradients()
+    float_sampler = EpisodeSampler(
+        uint8_sampler.split,
+        uint8_sampler.way,
+        uint8_sampler.shot,
+        uint8_sampler.query,
+        seed=uint8_sampler.seed,
+    )
+    trainer.batcher = TaskBatcher(float_sampler, trainer.batcher.tasks_per_batch)
+    float_metrics, float_grads = step_and_gradients()
+    assert uint8_metrics == float_metrics and uint8_grads.keys() == float_grads.keys()
+    assert all(torch.equal(uint8_grads[name], float_grads[name]) for name in uint8_grads)
+
+    float_val = EpisodeSampler(
+        val_sampler.split,
+        val_sampler.way,
+        val_sampler.shot,
+        val_sampler.query,
+        seed=val_sampler.seed,
+        num_episodes=len(val_sampler),
+    )
+    indices = range(len(val_sampler))
+    assert np.array_equal(
+        evaluate_episodes(trainer.learner, val_sampler, indices, trainer.device),
+        evaluate_episodes(trainer.learner, float_val, indices, trainer.device),
+    )
+    source, _, _ = frozen_test_source(
+        trainer.config, trainer.split("test"), 1, 3, device=trainer.device
+    )
+    assert source.output == "uint8"
+
+    augmented = MetaTrainer(tiny_config("data.augment=true"), tmp_path / "aug", quiet=True)
+    augmented.setup()
+    assert augmented.batcher.sampler.output == "float"
+    assert augmented.val_sampler.output == "uint8"
 
 
 def test_evaluation_shards_by_episode_index(tmp_path: Path) -> None:

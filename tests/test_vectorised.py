@@ -152,6 +152,7 @@ def test_training_switch_gives_the_sequential_run(tmp_path: Path) -> None:
         vectorised, actual = trained(tmp_path / "vectorised", "train.meta_batch=vectorised")
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
     episode = sequential.batcher.batch(99)[0]
+    episode = sequential.batcher.sampler.to_device(episode, sequential.device)  # uint8 -> float
     # Adam turns a gradient that is zero up to rounding (a conv bias before BatchNorm) into a
     # full step of either sign: compare what the weights compute, which that bias cannot move.
     with torch.no_grad():
