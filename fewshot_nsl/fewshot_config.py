@@ -117,6 +117,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "lr_gamma": 0.1,
         "grad_clip": Field(None, types=(float, None)),
         "meta_batch": Field("sequential", choices=META_BATCH_MODES),
+        "compile": False,
         "val_every": Field(1000, check=non_negative_int),
         "checkpoint_every": Field(1000, check=non_negative_int),
         "log_every": Field(50, check=positive_int),

@@ -149,9 +149,9 @@ def _location_torch(
 
 #: The per-location *diagonal* form runs in row bands (:func:`_location_tiled_torch`) when the
 #: whole map's tap stack ``B * C * HV * L`` would exceed this many bytes: measured (2-core
-#: CPU, under load, docs/benchmarks.md) 1.8x faster forward+backward with a 162 MiB stack
-#: (batch 20, 32 channels, 84x84), no gain or a loss at 40 MiB and below. The full form is not
-#: tiled: its per-band einsum measured no faster.
+#: CPU, under load, docs/benchmarks.md) 0.82-0.86x the whole-map time forward+backward with
+#: a 162 MiB stack (batch 20 at 84x84 and batch 80 at 42x42, 32 channels), mixed to slower
+#: at 40 MiB and below. The full form is not banded: its bands measured mixed (0.75-1.15x).
 LOCATION_TILE_MIN_BYTES = 64 * 2**20
 #: Target bytes of one band's tap stack; its rows = this // bytes of one output row (>= 1).
 #: Bands of 8 rows (15 MiB) measured faster than of 4 or 2 at 84x84.
