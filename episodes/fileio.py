@@ -4,14 +4,18 @@ The one writer of every file the toolkit produces (caches, manifests, checkpoint
 files)::
 
     atomic_write(path, lambda handle: handle.write(data))   # temp file, fsync, os.replace
-    cleanup_stale_temp(folder)                              # temp files of killed writers
+    with atomic_folder(path) as temp: ...                   # a whole folder (a cache), renamed
+    cleanup_stale_temp(folder)                              # temp files/folders of killed writers
+    check_writable(folder)                                  # fail before long work, not after
     sampled_content_hash(images), full_content_hash(images) # what a cache really holds
 
 A temp file is named ``.NAME.PID.RANDOM.fsnl.tmp`` next to its target and is held under an
 exclusive ``flock`` while it is written, so :func:`cleanup_stale_temp` can tell a file whose
 writer died (kill -9, power cut) from one being written right now, whatever the pid reuse.
-Files are created with mode 0666 minus the user's umask (``mkstemp`` would make them 0600,
-unreadable to colleagues on a shared cluster).
+A temp folder of :func:`atomic_folder` has the same name pattern and holds a lock file
+(``FOLDER_LOCK``) that its writer keeps under ``flock`` until the folder is renamed.
+Files are created with mode 0666 and folders 0777 minus the user's umask (``mkstemp`` and
+``mkdtemp`` would make them 0600 / 0700, unreadable to colleagues on a shared cluster).
 
 Storage failures (disk full, read-only or forbidden folder, quota) are raised as
 :class:`StorageError`, an ``OSError`` whose message is one line naming the file or folder,
@@ -27,9 +31,10 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,7 +45,10 @@ __all__ = [
     "StorageError",
     "TEMP_SUFFIX",
     "as_storage_error",
+    "FOLDER_LOCK",
+    "atomic_folder",
     "atomic_write",
+    "check_writable",
     "cleanup_stale_temp",
     "content_hashes",
     "ensure_folder",
@@ -52,6 +60,8 @@ __all__ = [
 
 #: Suffix of every temp file written by :func:`atomic_write`.
 TEMP_SUFFIX = ".fsnl.tmp"
+#: The lock file inside a temp folder of :func:`atomic_folder`, held by its writer (``flock``).
+FOLDER_LOCK = ".writer.fsnl.lock"
 _TEMP_PATTERN = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
@@ -176,13 +186,100 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+def _raise_storage(error: OSError, path: Path) -> None:
+    """Raise ``error`` as the one-line :class:`StorageError` about ``path`` when it is a storage
+    condition; return (the caller re-raises ``error`` itself) otherwise."""
+    converted = as_storage_error(error, path)
+    if converted is not None:
+        raise converted from error
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Make sure files can be created in ``folder`` (created if missing) before long work whose
+    result would then be lost: creates and removes one empty temp file. Raises
+    :class:`StorageError` naming the folder (read-only, forbidden, full). Returns ``folder``."""
+    folder = ensure_folder(folder)
+    probe = _temp_path(folder / "probe")
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        _raise_storage(error, probe)
+        raise
+    os.close(descriptor)
+    with suppress(OSError):
+        probe.unlink()
+    return folder
+
+
+@contextmanager
+def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build the folder ``path`` whole or not at all (a dataset cache)::
+
+        with atomic_folder(out, overwrite=True) as temp:
+            atomic_write(temp / "train.npy", ...)
+
+    Yields a fresh temp folder ``.NAME.PID.RANDOM.fsnl.tmp`` next to ``path`` (mode 0777 minus
+    the umask), whose writer holds the ``flock`` of its ``FOLDER_LOCK`` file. When the block
+    ends without error the folder is renamed onto ``path`` (an existing ``path`` is moved
+    aside first, then removed: only with ``overwrite``, else ``FileExistsError`` before
+    anything is written); on any error it is removed. A killed writer's folder is removed
+    by the next :func:`cleanup_stale_temp` of the parent, which this runs first.
+    Storage failures in the block are :class:`StorageError` naming the file under ``path``
+    (not the temp folder).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite to replace it)")
+    parent = ensure_folder(path.parent)
+    cleanup_stale_temp(parent)
+    temp = _temp_path(path)
+    try:
+        os.mkdir(temp, 0o777)
+    except OSError as error:
+        _raise_storage(error, temp)
+        raise
+    lock = None
+    try:
+        lock = os.open(temp / FOLDER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield temp
+        _fsync_directory(temp)
+        if path.exists():  # overwrite: the old folder goes aside, as another (stale) temp
+            aside = _temp_path(path)
+            os.replace(path, aside)
+            os.replace(temp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(temp, path)
+        _fsync_directory(parent)
+        with suppress(OSError):
+            (path / FOLDER_LOCK).unlink()
+    except BaseException as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError):
+            named = str(error.filename or path).replace(str(temp), str(path))
+            where = Path(named)
+            if isinstance(error, StorageError):
+                raise StorageError(
+                    str(error).replace(str(temp), str(path)), code=error.errno, path=where
+                ) from error
+            _raise_storage(error, where)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
 def cleanup_stale_temp(folder: str | Path, min_age_s: float = 1.0) -> list[Path]:
-    """Remove the temp files that killed writers left in ``folder`` (not recursive).
+    """Remove the temp files and temp folders (:func:`atomic_folder`) that killed writers left
+    in ``folder`` (not recursive).
 
     A temp file is stale when no process holds its ``flock`` (its writer is gone) and it is
     older than ``min_age_s`` (a writer takes the lock right after creating the file, so a
-    younger file may be a writer between those two calls). Files of other programs are
-    never touched. Returns the removed paths.
+    younger file may be a writer between those two calls); a temp folder likewise, by the
+    lock on its ``FOLDER_LOCK`` file (no such file: killed before taking it, or the old
+    folder an overwrite moved aside). Files of other programs are never touched. Returns the
+    removed paths.
     """
     folder = Path(folder)
     removed: list[Path] = []
@@ -191,6 +288,10 @@ def cleanup_stale_temp(folder: str | Path, min_age_s: float = 1.0) -> list[Path]
     now = time.time()
     for candidate in sorted(folder.iterdir()):
         if not is_temp_file(candidate):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            if _remove_stale_folder(candidate, now, min_age_s):
+                removed.append(candidate)
             continue
         try:
             if now - candidate.stat().st_mtime < min_age_s:
@@ -211,6 +312,29 @@ def cleanup_stale_temp(folder: str | Path, min_age_s: float = 1.0) -> list[Path]
         finally:
             os.close(descriptor)  # releases the lock
     return removed
+
+
+def _remove_stale_folder(candidate: Path, now: float, min_age_s: float) -> bool:
+    """Remove the temp folder ``candidate`` when no writer holds its lock; True if removed."""
+    try:
+        if now - candidate.stat().st_mtime < min_age_s:
+            return False
+        descriptor: int | None = os.open(candidate / FOLDER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        descriptor = None  # no lock file: its writer died before taking it, or an aside copy
+    except OSError:
+        return False
+    try:
+        if descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer holds it
+                return False
+        shutil.rmtree(candidate, ignore_errors=True)
+        return not candidate.exists()
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 # -- content hashes of arrays (caches) -----------------------------------------------------

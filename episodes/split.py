@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 #: Pixel scalings of the default transform (``ImageSplit.normalize``).
-NORMALIZE_MODES = ("mean_std", "unit")
+NORMALIZE_MODES = ("mean_std", "unit", "unit_inverted")
 
 # Images are hashed in chunks so a memory-mapped split is never read into memory at once.
 _HASH_CHUNK_ROWS = 4096
@@ -70,8 +70,9 @@ class ImageSplit:
       units, used by the default normalisation
     * ``fingerprint``: content hash (:func:`content_fingerprint`), stamped into runs/manifests
     * ``normalize``: how the default transform scales pixels: ``"mean_std"`` (``(x/255 -
-      mean) / std``, the default) or ``"unit"`` (``x/255`` in [0, 1], as the MAML reference
-      code does); see :attr:`normalization`
+      mean) / std``, the default), ``"unit"`` (``x/255`` in [0, 1], as the MAML reference
+      code does for Mini-ImageNet) or ``"unit_inverted"`` (``1 - x/255``: cbfinn/maml's
+      Omniglot, strokes 1 on a 0 background); see :attr:`normalization`
     """
 
     images: np.ndarray
@@ -122,10 +123,13 @@ class ImageSplit:
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``(mean, std)`` the default transform uses: the train statistics for
-        ``normalize="mean_std"``, zeros and ones (plain ``x/255``) for ``"unit"``."""
+        ``normalize="mean_std"``, zeros and ones (plain ``x/255``) for ``"unit"``, ones and
+        minus ones (``(x/255 - 1) / -1 = 1 - x/255``) for ``"unit_inverted"``."""
+        channels = self.images.shape[-1]
         if self.normalize == "unit":
-            channels = self.images.shape[-1]
             return (0.0,) * channels, (1.0,) * channels
+        if self.normalize == "unit_inverted":
+            return (1.0,) * channels, (-1.0,) * channels
         return tuple(self.mean), tuple(self.std)
 
     @property

@@ -137,15 +137,16 @@ class Compose(Transform):
 
 
 class Normalize(Transform):
-    """``(x - mean[c]) / std[c]`` per channel; deterministic (ignores the generator)."""
+    """``(x - mean[c]) / std[c]`` per channel; deterministic (ignores the generator). A
+    negative ``std`` flips the sign (mean 1, std -1: ``1 - x``)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         if len(mean) != len(std) or len(mean) == 0:
             raise ValueError(
                 f"Normalize: mean and std need the same, non-zero length: {mean}, {std}"
             )
-        if any(s <= 0 for s in std):
-            raise ValueError(f"Normalize: std must be positive, got {tuple(std)}")
+        if any(s == 0 for s in std):  # a negative std flips the sign: "unit_inverted"
+            raise ValueError(f"Normalize: std must be non-zero, got {tuple(std)}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)

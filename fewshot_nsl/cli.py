@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,9 +26,11 @@ from typing import Any
 
 import torch
 
+from episodes.fileio import StorageError
+from fewshot_nsl import __version__
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
-from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, load_fewshot_config
+from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, iter_seed_runs, load_fewshot_config
 from fewshot_nsl.lake_report import lake_run_report, report_from_results
 from fewshot_nsl.supervised import register_cli as register_supervised_cli
 
@@ -40,17 +43,27 @@ CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "co
 # -- tables ------------------------------------------------------------------------------
 
 
+#: The columns of the printed result table (the rows hold more: see :func:`result_rows`).
+TABLE_COLUMNS = ("method", "backbone", "way", "shot", "query", "accuracy", "episodes")
+
+
 def result_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Table rows (one per test shot) of a ``results.json`` payload."""
+    """Rows (one per test shot) of a ``results.json`` payload: the numbers (``mean``,
+    ``ci95`` as fractions, ``episodes``, ``query`` per class) and ``accuracy``, the same as a
+    human string in percent (``"73.99 ± 0.84"``)."""
     rows = []
     for shot, test in results["test"].items():
         rows.append(
             {
                 "method": results["name"],
                 "backbone": results["backbone"],
+                "seed": results.get("seed"),
                 "way": test["way"],
                 "shot": int(shot),
+                "query": test["query"],
                 "accuracy": f"{100 * test['mean']:.2f} ± {100 * test['ci95']:.2f}",
+                "mean": test["mean"],
+                "ci95": test["ci95"],
                 "episodes": test["episodes"],
             }
         )
@@ -80,19 +93,19 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
 
 def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The results of a run directory that already finished ``train.steps`` steps with this
-    config (else None); a checkpoint of another config is an error, as when resuming."""
+    """The results of a run directory that already finished ``train.steps`` steps (or stopped
+    early) with this config (else None); a checkpoint of another config is an error, as when
+    resuming."""
     from fewshot_nsl.checkpoint import load_checkpoint
     from fewshot_nsl.engine import check_resumable
     from fewshot_nsl.runner import RESUMABLE_CHANGES
 
-    path = run_dir / "results.json"
-    if not path.is_file():
+    path, last = run_dir / "results.json", run_dir / "last.pt"
+    if not path.is_file() or not last.is_file():  # no last.pt: the engine says what to do
         return None
     results = json.loads(path.read_text())
-    if results.get("steps") != config["train"]["steps"]:
+    if results.get("steps") != config["train"]["steps"] and not results.get("stopped_early"):
         return None
-    last = run_dir / "last.pt"
     saved = normalized_config(load_checkpoint(last)["config"], FEWSHOT_DEFAULTS)
     check_resumable(saved, config, last, RESUMABLE_CHANGES)
     return results
@@ -100,6 +113,8 @@ def _completed(run_dir: Path, config: Mapping[str, Any]) -> dict[str, Any] | Non
 
 def command_train(args: argparse.Namespace) -> int:
     from fewshot_nsl.distributed import broadcast_object, build_trainer, init_distributed, shutdown
+    from fewshot_nsl.engine import TrainingInterrupted, refuse_existing_run
+    from fewshot_nsl.runlog import RunDir, RunLock, remove_run
     from fewshot_nsl.runner import run_dir_for
 
     if args.config is None and args.resume is None:
@@ -108,38 +123,63 @@ def command_train(args: argparse.Namespace) -> int:
     if resume_dir is not None and not (resume_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"--resume {resume_dir}: no config.yaml, not a run directory")
     config_path = Path(args.config) if args.config else resume_dir / "config.yaml"
-    config = load_fewshot_config(config_path, args.overrides)
+    overrides = list(args.overrides)
+    if args.seeds:  # the same as the override train.seeds=[...]
+        overrides.append(f"train.seeds={list(args.seeds)}")
+    config = load_fewshot_config(config_path, overrides)
     root = Path(args.out) if args.out else resume_dir or run_dir_for(config)
-    multi = bool(config.get("runs"))
-    if multi:
-        for name, run in config["runs"].items():
+    resume, overwrite = resume_dir is not None, bool(args.overwrite)
+    runs = config.get("runs") or {}
+    seeded = any(run["train"]["seeds"] for _, run in iter_runs(config))
+    multi = bool(runs) or seeded  # a root folder of several runs: its config and summary
+    if runs:
+        for name, run in runs.items():
             run["train"]["out_dir"] = str(root / name)
     config["train"]["out_dir"] = str(root)
+    single_runs = list(iter_seed_runs(config))  # train.seeds: one run per seed, OUT/seed-S
 
     # Under torchrun: join the process group (docs/distributed.md); alone: no process group.
     context = init_distributed(config["train"]["device"])
-    if context.is_main:  # one copy of the output and of the files: rank 0's
-        print(f"# resolved config ({config_path})")
-        print(dump_config(config), end="", flush=True)
-        root.mkdir(parents=True, exist_ok=True)
-        if multi:
-            dump_config(config, root / "config.yaml")
-
+    root_lock = RunLock(root) if multi and context.is_main else None
     started = time.perf_counter()
     all_results = []
-    for name, run in iter_runs(config):
-        out_dir = Path(run["train"]["out_dir"])
-        done = _completed(out_dir, run) if resume_dir is not None else None
-        done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
-        if done is not None:
-            if context.is_main:
-                print(
-                    f"[{name}] already finished in {out_dir}; reusing its results", file=sys.stderr
-                )
-            all_results.append(done)
-            continue
-        trainer = build_trainer(run, out_dir, context, quiet=args.quiet)
-        all_results.append(trainer.fit(resume=resume_dir is not None))
+    try:
+        for name, run in single_runs:
+            out_dir = Path(run["train"]["out_dir"])
+            done = _completed(out_dir, run) if resume else None
+            done = broadcast_object(done)  # rank 0 decides: other nodes may not see its files
+            if done is not None:
+                if context.is_main:
+                    print(
+                        f"[{name}] already finished in {out_dir}; reusing its results",
+                        file=sys.stderr,
+                    )
+                all_results.append(done)
+                continue
+            trainer = build_trainer(
+                run, out_dir, context, quiet=args.quiet, verify_data=args.verify_data
+            )
+            if root_lock is not None and not root_lock.held:
+                # A multi-run root is created (locked, emptied with --overwrite, its config
+                # written) only once the first run's checks pass and its data is there.
+                if not resume and not overwrite:
+                    refuse_existing_run(root)
+                trainer.check_run_dir(resume, overwrite)
+                trainer.build()
+                root_lock.acquire()
+                if not resume and not overwrite:
+                    refuse_existing_run(root)  # again, under the lock
+                if overwrite and RunDir(root).holds_run():
+                    remove_run(root)
+                    print(f"--overwrite: removed the runs in {root}", file=sys.stderr)
+                dump_config(config, root / "config.yaml")
+            all_results.append(trainer.fit(resume=resume, overwrite=overwrite))
+    except TrainingInterrupted as stop:
+        stop.resume_command = f"fewshot-nsl train --resume {root.resolve()}"
+        raise
+    finally:
+        if root_lock is not None:
+            root_lock.release()
     wall_time = time.perf_counter() - started
     shutdown(context)
     if not context.is_main:
@@ -147,8 +187,8 @@ def command_train(args: argparse.Namespace) -> int:
 
     rows = [row for results in all_results for row in result_rows(results)]
     print()
-    print(format_table(rows))
-    for (_, run), results in zip(iter_runs(config), all_results):  # the Lake runs: per run
+    print(format_table(rows, ("seed", *TABLE_COLUMNS) if seeded else TABLE_COLUMNS))
+    for (_, run), results in zip(single_runs, all_results):  # the Lake runs: per run
         for block in report_from_results(run, results):
             print(f"\n{block}")
     print(f"\nwall time {wall_time:.0f} s; run directory {root}")
@@ -157,23 +197,36 @@ def command_train(args: argparse.Namespace) -> int:
             "config": str(config_path),
             "wall_time_s": round(wall_time, 1),
             "rows": rows,
-            "runs": {r["name"]: str(root / r["name"]) for r in all_results},
+            "runs": {name: run["train"]["out_dir"] for name, run in single_runs},
         }
-        (root / "summary.json").write_text(json.dumps(summary, indent=2))
+        RunDir(root).write_json("summary.json", summary)
     return 0
 
 
 # -- eval --------------------------------------------------------------------------------
 
 
-def _loaded_learner(path: Path, device: Any) -> tuple[Any, dict[str, Any], Any]:
-    """(learner with the checkpoint's weights, its config, its test split)."""
-    from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
+def checkpoint_argument(value: str, option: str = "--checkpoint") -> Path:
+    """The checkpoint file a ``--checkpoint`` value names: the file itself, or for a run
+    directory its ``best.pt`` (else ``last.pt``), said on stderr."""
+    from fewshot_nsl.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(value)
+    if Path(value).is_dir():
+        print(f"{option} {value}: a run directory, using {path}", file=sys.stderr)
+    return path
+
+
+def _loaded_learner(path: Path, device: Any, verify: str) -> tuple[Any, dict[str, Any], Any]:
+    """(learner with the checkpoint's weights, its config, its test split checked at level
+    ``verify`` against the cache's content hashes)."""
+    from fewshot_nsl.checkpoint import load_checkpoint, load_model_state, require_kind
     from fewshot_nsl.runner import build_model, load_split
 
     checkpoint = load_checkpoint(path, map_location=device)
+    require_kind(checkpoint, "episodic", path)
     config = checkpoint["config"]
-    split = load_split(config, "test")
+    split = load_split(config, "test", verify=verify)
     saved = checkpoint["data"].get("test")
     if saved is not None and saved != split.fingerprint:
         raise CheckpointMismatch(
@@ -204,14 +257,41 @@ def _comparable(
         )
 
 
+def _eval_progress(quiet: bool) -> dict[str, Any]:
+    """How ``eval`` shows its progress (``evaluate_shots`` arguments): a bar on a terminal,
+    else a line to stderr every tenth of the episodes; nothing with ``--quiet``."""
+    return {
+        "show_progress": not quiet and sys.stderr.isatty(),
+        "log": None if quiet else lambda line: print(line, file=sys.stderr, flush=True),
+    }
+
+
 def command_eval(args: argparse.Namespace) -> int:
+    from episodes.fileio import atomic_write, check_writable
     from fewshot_nsl.engine import resolve_device
     from fewshot_nsl.evaluation import EvalResult, evaluate_shots
     from fewshot_nsl.stats import paired_difference
 
     device = resolve_device(args.device)
-    path = Path(args.checkpoint)
-    learner, config, split = _loaded_learner(path, device)
+    path = checkpoint_argument(args.checkpoint)
+    path_b = checkpoint_argument(args.compare, "--compare") if args.compare else None
+    out = Path(args.json) if args.json else path.with_name(f"eval_{path.stem}.json")
+    if out.is_dir():
+        raise FileExistsError(f"--json {out} is a folder; give a file name")
+    try:  # now, not after the evaluation
+        check_writable(out.parent)
+    except StorageError as error:
+        if args.json:
+            raise
+        raise StorageError(f"{error} (write the results elsewhere with --json FILE)") from error
+    learner, config, split = _loaded_learner(path, device, args.verify_data)
+    protocol = {"test_query": args.query, "test_way": args.way}  # the other protocol, if asked
+    config["episodes"].update({key: value for key, value in protocol.items() if value})
+    if args.way and args.way != config["episodes"]["way"] and not learner.any_way:
+        raise ConfigError(
+            f"--way {args.way}: learner {config['learner']['name']!r} has a "
+            f"{config['episodes']['way']}-way head; it can only be tested at that way"
+        )
     if config["train"]["threads"] is not None:  # as the run itself was evaluated
         torch.set_num_threads(config["train"]["threads"])
     episodes = config["episodes"]
@@ -223,24 +303,22 @@ def command_eval(args: argparse.Namespace) -> int:
             f"--manifest {manifest}: one manifest holds one shot setting; give a single --shots "
             "value or a path with '{shot}' in it"
         )
-    show = not args.quiet and sys.stderr.isatty()
     evaluate = {
         "shots": shots,
         "num_episodes": num_episodes,
         "device": device,
         "manifest": manifest,
-        "show_progress": show,
+        **_eval_progress(args.quiet),
     }
     results_a = evaluate_shots(learner, config, split, **evaluate)
     models: list[tuple[str, dict[str, Any], dict[int, EvalResult]]] = [
         (str(config["name"]), config, results_a)
     ]
-    if args.compare:
-        path_b = Path(args.compare)
-        learner_b, config_b, split_b = _loaded_learner(path_b, device)
+    if path_b is not None:
+        learner_b, config_b, split_b = _loaded_learner(path_b, device, args.verify_data)
         _comparable(config, config_b, split, split_b, path_b)
         # Scored with A's config: the same episodes (seed, query, manifest) for both.
-        results_b = evaluate_shots(learner_b, config, split, **evaluate)
+        results_b = evaluate_shots(learner_b, config, split, label=config_b["name"], **evaluate)
         name_b = str(config_b["name"])
         if name_b == models[0][0]:
             name_b += f" ({path_b})"
@@ -260,6 +338,7 @@ def command_eval(args: argparse.Namespace) -> int:
                     "backbone": model_config["model"]["backbone"],
                     "way": result.way,
                     "shot": shot,
+                    "query": result.query,
                     "accuracy": summary.format(),
                     "episodes": summary.n,
                 }
@@ -276,8 +355,8 @@ def command_eval(args: argparse.Namespace) -> int:
             difference = paired_difference(res_a[shot].accuracies, res_b[shot].accuracies)
             payload["paired"][str(shot)] = {"a": name_a, "b": name_b, **difference.as_dict()}
             print(f"  {shot}-shot: {difference.format()} points over {difference.n} episodes")
-    out = Path(args.json) if args.json else path.with_name(f"eval_{path.stem}.json")
-    out.write_text(json.dumps(payload, indent=2))
+    text = json.dumps(payload, indent=2).encode()
+    atomic_write(out, lambda handle: handle.write(text))
     print(f"\nwrote {out}")
     return 0
 
@@ -300,6 +379,8 @@ def command_prepare_data(args: argparse.Namespace) -> int:
     options = {key: value for key, value in given.items() if value is not None}
     if args.no_rotations:
         options["rotations"] = False
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists (--overwrite replaces it)")
     out = prepare_dataset(
         args.dataset,
         args.source,
@@ -315,14 +396,44 @@ def command_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def shipped_configs() -> list[Path]:
-    """YAML configs in ./configs and in the source checkout's configs/ (deduplicated)."""
-    seen: dict[Path, None] = {}
+def shipped_configs() -> dict[Path, list[str]]:
+    """YAML configs in ./configs and in the source checkout's configs/: ``{folder: file
+    names relative to it}``, a file found in both folders listed once."""
+    seen: set[Path] = set()
+    found: dict[Path, list[str]] = {}
     for folder in CONFIG_DIRS:
-        if folder.is_dir():
-            for path in sorted(folder.rglob("*.yaml")):
-                seen.setdefault(path.resolve(), None)
-    return list(seen)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*.yaml")):
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                found.setdefault(folder, []).append(path.relative_to(folder).as_posix())
+    return found
+
+
+def _shown_folder(folder: Path) -> str:
+    """``folder`` relative to the working directory when it is below it, else absolute."""
+    relative = os.path.relpath(folder)
+    return str(folder) if relative.startswith("..") else relative
+
+
+def reference_lines(path: Path) -> list[str]:
+    """What config ``path`` reproduces, from its ``reference:`` block: the ``reproduces`` and
+    ``published`` lines and the number of deviations (``[]`` without a block)."""
+    import yaml
+
+    try:
+        reference = (yaml.safe_load(path.read_text()) or {}).get("reference")
+    except (OSError, yaml.YAMLError) as error:
+        return [f"(unreadable: {error})"]
+    if not isinstance(reference, Mapping):
+        return []
+    deviations = reference.get("deviations") or []
+    return [
+        f"reproduces: {reference.get('reproduces')}",
+        f"published: {reference.get('published') or 'none'}; {len(deviations)} deviation(s) "
+        "listed in the file",
+    ]
 
 
 def command_list(args: argparse.Namespace) -> int:
@@ -330,20 +441,74 @@ def command_list(args: argparse.Namespace) -> int:
     from fewshot_nsl.backbones import list_backbones
     from fewshot_nsl.learners import list_learners
 
+    def configs() -> dict[str, list[str]]:
+        found = shipped_configs()
+        if not found:
+            return {"configs (none in ./configs)": []}
+        # Each config, then what it reproduces (its reference: block), indented below it.
+        return {
+            f"configs (in {_shown_folder(folder)})": [
+                line
+                for name in names
+                for line in [name, *(f"    {text}" for text in reference_lines(folder / name))]
+            ]
+            for folder, names in found.items()
+        }
+
     listings = {
-        "datasets": list_datasets,
-        "backbones": list_backbones,
-        "learners": list_learners,
-        "configs": lambda: [os.path.relpath(path) for path in shipped_configs()],
+        "datasets": lambda: {"datasets": list_datasets()},
+        "backbones": lambda: {"backbones": list_backbones()},
+        "learners": lambda: {"learners": list_learners()},
+        "configs": configs,
     }
     for what in [args.what] if args.what else listings:
-        print(f"{what}:")
-        for item in listings[what]():
-            print(f"  {item}")
+        for heading, items in listings[what]().items():
+            print(f"{heading}:")
+            for item in items:
+                print(f"  {item}")
+    return 0
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from fewshot_nsl.report import build_report, find_runs, plot_available, write_new, write_report
+
+    runs, skipped = find_runs(args.run_dirs)
+    for path in skipped:
+        print(f"report: skipped {path} (not a few-shot run's results)", file=sys.stderr)
+    if not runs:
+        raise FileNotFoundError(f"report: no few-shot run (results.json) in {args.run_dirs}")
+    report = build_report(runs, args.baseline)
+    print(report.markdown())
+    written = []
+    if args.csv:
+        written.append(write_new(args.csv, report.csv().encode(), overwrite=args.overwrite))
+    if args.out:
+        written += write_report(report, args.out, overwrite=args.overwrite)
+        if not plot_available():
+            print(
+                "report: no figures (matplotlib is not installed: pip install 'fewshot-nsl[plot]')",
+                file=sys.stderr,
+            )
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 # -- parser and entry point --------------------------------------------------------------
+
+
+def _add_verify_data(parser: argparse.ArgumentParser) -> None:
+    """``--verify-data``: how much of a dataset cache ``train``/``eval`` check when loading."""
+    parser.add_argument(
+        "--verify-data",
+        choices=("sampled", "full"),
+        default="sampled",
+        help="check the dataset cache against the content hashes in its index.json: "
+        "'sampled' (64 rows per split, default) or 'full' (every byte)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewshot-nsl", description="Few-shot learning with neural similarity learning."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="meta-train, validate and test from a config")
@@ -361,17 +527,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key.sub=value",
         help="dotted overrides, values parsed as YAML (train.steps=100)",
     )
-    train.add_argument(
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR from its last.pt (exact on CPU)"
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the run already in the run directory (whole) and start a fresh one",
     )
     train.add_argument(
         "--out", metavar="DIR", help="run directory (default train.out_dir or runs/NAME)"
     )
-    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument(
+        "--quiet", action="store_true", help="print only errors, one line per run and the results"
+    )
+    _add_verify_data(train)
+    train.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="train each run once per seed, into OUT/seed-S (= train.seeds=[...]; give it "
+        "after the overrides)",
+    )
     train.set_defaults(handler=command_train)
 
     evaluate = commands.add_parser("eval", help="test a checkpoint (mean ± 95%% CI)")
-    evaluate.add_argument("--checkpoint", required=True, help="best.pt / last.pt of a run")
+    evaluate.add_argument(
+        "--checkpoint",
+        required=True,
+        help="best.pt / last.pt of a train run, or its run directory (then its best.pt)",
+    )
     evaluate.add_argument(
         "--shots",
         type=int,
@@ -384,6 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="test episodes per shot (default: the config's episodes.test_episodes)",
     )
     evaluate.add_argument(
+        "--query",
+        type=int,
+        help="queries per class of the test episodes (default: the config's "
+        "episodes.test_query; e.g. the shot for MAML's reference protocol, 15 for the common one)",
+    )
+    evaluate.add_argument(
+        "--way",
+        type=int,
+        help="way of the test episodes (default: episodes.test_way, else episodes.way; "
+        "learners without a way-sized head only)",
+    )
+    evaluate.add_argument(
         "--manifest",
         help="frozen episodes to replay ('{shot}' is replaced; "
         "default: the config's episodes.manifest)",
@@ -391,20 +590,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--compare",
         metavar="OTHER",
-        help="a second checkpoint scored on the same episodes; reports the paired difference ± CI",
+        help="a second checkpoint (or run directory) scored on the same episodes; reports the "
+        "paired difference ± CI",
     )
     evaluate.add_argument(
         "--json",
         help="where to write the results (default: eval_<checkpoint>.json next to the checkpoint)",
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    _add_verify_data(evaluate)
     evaluate.set_defaults(handler=command_eval)
 
     prepare = commands.add_parser("prepare-data", help="convert a dataset into a cache folder")
     prepare.add_argument("--dataset", required=True, help="e.g. mini-imagenet, omniglot")
     prepare.add_argument("--source", required=True, help="the downloaded dataset files")
-    prepare.add_argument("--out", required=True, help="cache folder to create")
+    prepare.add_argument(
+        "--out",
+        required=True,
+        help="cache folder to create (written next to it as a temp folder, renamed when done)",
+    )
     prepare.add_argument(
         "--no-strict",
         action="store_true",
@@ -444,15 +649,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.set_defaults(handler=command_list)
 
+    report = commands.add_parser(
+        "report", help="one table (and figures) of every run in folders, seeds grouped"
+    )
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding runs")
+    report.add_argument(
+        "--baseline", metavar="NAME", help="paired differences against the runs named NAME"
+    )
+    report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    report.add_argument(
+        "--out", metavar="DIR", help="write report.md, report.csv and PNG figures in DIR"
+    )
+    report.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    report.set_defaults(handler=command_report)
+
     register_supervised_cli(commands)  # train-supervised, export (CIFAR experiments)
     return parser
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``fewshot-nsl list | head -1``): end quietly with the
+    status of a command killed by SIGPIPE (141), stdout pointed at /dev/null so that Python's
+    flush at exit does not print a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (replaced in-process): nothing to flush
+        pass
+    finally:
+        os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fewshot-nsl``; returns the exit status."""
+    from fewshot_nsl.engine import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        status = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
+    except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: last.pt written after a step
+        print(f"fewshot-nsl: {stop}; resume with: {stop.resume_command}", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(
             "\nfewshot-nsl: interrupted (resume with: fewshot-nsl train --resume RUN_DIR)",
@@ -464,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointMismatch,
         FileNotFoundError,
         FileExistsError,
+        StorageError,
         ValueError,
     ) as error:
         if os.environ.get("FEWSHOT_NSL_DEBUG"):

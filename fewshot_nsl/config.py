@@ -28,6 +28,7 @@ naming the dotted key, what was expected, and the file.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "non_negative_int",
     "normalized_config",
     "parse_overrides",
+    "positive_float",
     "positive_int",
     "resolve_config",
 ]
@@ -85,12 +87,18 @@ class Open:
 
     ``switch_key``: when a later layer (a run, an override file) sets this key to another
     value, the mapping is replaced instead of merged (a run switching ``learner.name`` from
-    ``maml`` to ``protonet`` must not inherit MAML's options).
+    ``maml`` to ``protonet`` must not inherit MAML's options). ``follows``: the same for a
+    sibling field (see below).
     """
 
     default: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     switch_key: str | None = None
+    #: A sibling field in the same section: when a later layer (a run, the command line)
+    #: gives that field another value, the mapping goes back to its default before the layer's
+    #: own keys of it apply (``data.options`` follows ``data.dataset``: the synthetic glyphs'
+    #: options mean nothing to an image folder).
+    follows: str | None = None
 
 
 # -- checks shared by schemas -----------------------------------------------------------------
@@ -107,6 +115,14 @@ def non_negative_int(value: int) -> int:
     """An int >= 0 (for :attr:`Field.check`)."""
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(value: float) -> float:
+    """A finite number > 0 (for :attr:`Field.check`): learning rates, clipping norms. NaN and
+    infinity are refused (they make every later step NaN)."""
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -245,17 +261,18 @@ def _validate_section(prefix: str, values: Mapping[str, Any], schema: Mapping[st
 
 def _default_values(schema: Mapping[str, Any]) -> dict[str, Any]:
     """Plain default values of a schema (Field/Open unwrapped)."""
-    values: dict[str, Any] = {}
-    for key, spec in schema.items():
-        if isinstance(spec, Open):
-            values[key] = copy.deepcopy(dict(spec.default))
-        elif isinstance(spec, Field):
-            values[key] = copy.deepcopy(spec.default)
-        elif isinstance(spec, Mapping) and spec:
-            values[key] = _default_values(spec)
-        else:
-            values[key] = copy.deepcopy(spec)
-    return values
+    return {key: _default_value(spec) for key, spec in schema.items()}
+
+
+def _default_value(spec: Any) -> Any:
+    """The plain default value of one schema entry (a fresh copy)."""
+    if isinstance(spec, Open):
+        return copy.deepcopy(dict(spec.default))
+    if isinstance(spec, Field):
+        return copy.deepcopy(spec.default)
+    if isinstance(spec, Mapping) and spec:
+        return _default_values(spec)
+    return copy.deepcopy(spec)
 
 
 def merge(
@@ -269,8 +286,13 @@ def merge(
       sections merge; an :class:`Open` mapping given in the file *replaces* its default (so
       ``backbone_options`` of a ResNet do not inherit Conv-4's ``filters``);
     * between file layers (base, run): at every depth, unless an :class:`Open` mapping's
-      :attr:`Open.switch_key` changes value (then the later layer replaces it).
+      :attr:`Open.switch_key` changes value (then the later layer replaces it);
+    * an :class:`Open` mapping whose :attr:`Open.follows` field ``update`` changes goes back to
+      its default first (what ``update`` gives of it then applies on that).
     """
+    if isinstance(schema, Mapping):
+        for key in _followers_reset(base, update, schema):
+            base[key] = _default_value(schema[key])
     for key, value in update.items():
         spec = schema.get(key) if isinstance(schema, Mapping) else None
         current = base.get(key)
@@ -290,6 +312,44 @@ def merge(
             merge(current, value, spec, over_defaults=over_defaults)
         else:
             base[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+
+
+def _followers_reset(
+    section: Mapping[str, Any], update: Mapping[str, Any], schema: Mapping[str, Any]
+) -> list[str]:
+    """Keys of the :class:`Open` mappings of ``section`` (a config section with its ``schema``)
+    that go back to their default before ``update`` (a layer of the same section) is applied:
+    those whose :attr:`Open.follows` field ``update`` changes (a mapping ``update`` gives then
+    replaces the old one instead of merging into it)."""
+    reset = []
+    for key, spec in schema.items():
+        if not isinstance(spec, Open) or spec.follows is None:
+            continue
+        if spec.follows in update and key in section:
+            current = section.get(spec.follows, _default_value(schema[spec.follows]))
+            if update[spec.follows] != current:
+                reset.append(key)
+    return reset
+
+
+def _reset_overridden_followers(
+    config: dict[str, Any], parsed: Sequence[tuple[list[str], Any]], schema: Mapping[str, Any]
+) -> None:
+    """Before the overrides ``parsed`` are applied to ``config``: the :class:`Open` mappings
+    whose :attr:`Open.follows` field an override changes go back to their default; overrides
+    of keys in them then apply on top (``data.dataset=imagefolder`` drops the config's
+    synthetic ``data.options``; ``data.options.channels=1`` alongside sets the new ones)."""
+    for path, value in parsed:
+        section, section_schema = config, schema
+        for part in path[:-1]:
+            section = section.get(part) if isinstance(section, dict) else None
+            section_schema = (
+                section_schema.get(part) if isinstance(section_schema, Mapping) else None
+            )
+        if not isinstance(section, dict) or not isinstance(section_schema, Mapping):
+            continue
+        for key in _followers_reset(section, {path[-1]: value}, section_schema):
+            section[key] = _default_value(section_schema[key])
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
@@ -351,6 +411,7 @@ def resolve_config(
             merge(combined, layer, defaults, over_defaults=False)
         merged = _default_values(defaults)
         merge(merged, combined, defaults, over_defaults=True)
+        _reset_overridden_followers(merged, parsed, defaults)
         for path, value in parsed:
             _apply_override(merged, path, value)
         return _validate_section("", merged, defaults)
@@ -406,10 +467,35 @@ def load_config(
     try:
         config = resolve_config(file_config, overrides, defaults)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from error
+        where = _culprit(path, file_config, overrides, defaults, error)
+        raise ConfigError(f"{where}: {error}") from error
     if "name" in defaults and config.get("name") is None:
         config["name"] = path.stem
     return config
+
+
+def _culprit(
+    path: Path,
+    file_config: Mapping[str, Any] | None,
+    overrides: Sequence[str],
+    defaults: Mapping[str, Any],
+    error: ConfigError,
+) -> str:
+    """Who made ``error`` (raised resolving ``path`` with ``overrides``): ``"command line"``
+    when the overrides did (one is malformed, or the file alone resolves, or fails otherwise),
+    else the file's path."""
+    if not overrides:
+        return str(path)
+    try:
+        parse_overrides(overrides)
+    except ConfigError:
+        return "command line"
+    try:
+        resolve_config(file_config, [], defaults)
+    except ConfigError as file_error:
+        if str(file_error) == str(error):
+            return str(path)
+    return "command line"
 
 
 def normalized_config(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fewshot_nsl.engine import resolve_device
+from fewshot_nsl.runlog import RunDirError
 from fewshot_nsl.runner import MetaTrainer
 
 __all__ = [
@@ -374,7 +376,7 @@ class DistributedMetaTrainer(MetaTrainer):
     after setup — so a resume works even where other nodes cannot read rank 0's ``last.pt``.
 
     Args:
-        config, out_dir, quiet, log: as for :class:`MetaTrainer`.
+        config, out_dir, quiet, log, verify_data: as for :class:`MetaTrainer`.
         context: from :func:`init_distributed`; on CUDA the trainer runs on
             ``context.device`` (GPU ``LOCAL_RANK``).
     """
@@ -387,6 +389,7 @@ class DistributedMetaTrainer(MetaTrainer):
         context: DistributedContext,
         quiet: bool = False,
         log: Callable[[str], None] | None = None,
+        verify_data: str = "sampled",
     ) -> None:
         super().__init__(
             config,
@@ -395,6 +398,7 @@ class DistributedMetaTrainer(MetaTrainer):
             world_size=context.world_size,
             quiet=quiet,
             log=log,
+            verify_data=verify_data,
         )
         self.context = context
         if self.device.type == "cuda":
@@ -406,33 +410,59 @@ class DistributedMetaTrainer(MetaTrainer):
             )
         self.buffer_sync: BufferSync | None = None
 
-    def setup(self, resume: bool = False) -> None:
+    def setup(self, resume: bool = False, overwrite: bool = False) -> None:
         """:meth:`MetaTrainer.setup`, then every rank takes rank 0's state.
 
-        Only rank 0 reads ``last.pt`` when resuming: the others may run on nodes that cannot
-        see rank 0's run directory (or see a stale copy of it).
+        Only rank 0 checks and opens the run directory and reads ``last.pt`` when resuming:
+        the others may run on nodes that cannot see rank 0's run directory (or see a stale
+        copy of it). When rank 0 refuses (run exists, directory busy, bad checkpoint), every
+        rank raises the same one-line error instead of waiting for it forever.
         """
-        super().setup(resume=resume and self.is_main)
-        assert self.learner is not None
+        error: Exception | None = None
+        try:
+            super().setup(resume=resume and self.is_main, overwrite=overwrite)
+        except Exception as raised:
+            if not self.is_main:
+                raise
+            error = raised
+        assert self.learner is not None or error is not None
         state = broadcast_object(
-            _to_cpu(
-                {
-                    "step": self.step,
-                    "best": self.best,
-                    "model": self.learner.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                }
+            (
+                {"error": str(error)}  # the text: not every error type pickles
+                if error is not None
+                else _to_cpu(
+                    {
+                        "step": self.step,
+                        "best": self.best,
+                        "model": self.learner.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                    }
+                )
             )
             if self.is_main
             else None
         )
+        if "error" in state:
+            if error is not None:
+                raise error
+            raise RunDirError(f"rank 0 stopped: {state['error']}", path=self.out_dir)
         if not self.is_main:
             self.learner.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.best = int(state["step"]), state["best"]
         self.buffer_sync = BufferSync(self.learner)
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM / Ctrl-C: all ranks stop after the same step."""
+        asked = super().stop_requested()
+        if not self.context.is_distributed:
+            return asked
+        (count,) = all_reduce_sums([float(asked)], self.device)
+        if count > 0 and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return count > 0
 
     def reduce_gradients(self) -> None:
         """Sum meta-gradients over ranks; bring BatchNorm buffers back into agreement."""

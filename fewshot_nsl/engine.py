@@ -18,16 +18,27 @@ training inputs             built after the model (samplers, batch streams)     
 one optimiser step          zero_grad → task → ``optimizer.step`` → schedule step  ``gradient_step``
 logging                     window means every ``log_every`` steps, progress bar
 evaluation cadence          every ``eval_every`` steps and (``final_evaluation``)   ``evaluate``
-                            at the last step; keeps the best (``best.pt``)
+                            at the last step; keeps the best (``best.pt``); stops
+                            early when the evaluation says so (``Evaluation.stop``)
 checkpoints                 ``last.pt`` every ``checkpoint_every`` and at the end
-run directory               :meth:`Engine.open_run`: start fresh / resume / refuse
+run directory               :meth:`Engine.open_run`: start fresh / resume /
+                            overwrite / refuse, under the run's lock
+divergence, signals         stop at a non-finite loss, gradient or weight; SIGTERM
+                            and Ctrl-C stop after the step with ``last.pt`` written
 results                     ``results.json``                                        ``finish``
 ==========================  =====================================================  ==========
 
-The single places a run-directory rule belongs: :meth:`Engine.open_run` (start fresh,
-resume, or refuse), :meth:`Engine.save` (write a checkpoint), :meth:`Engine.log_event` (append
-a metrics record), :meth:`Engine.fit` (write ``results.json``). Only the main rank
-(``rank == 0``) writes files.
+The single places a run-directory rule belongs: :meth:`Engine.check_run_dir` (what may be
+done with the directory, checked before anything is created), :meth:`Engine.open_run` (lock
+it, then start fresh, resume or overwrite), :meth:`Engine.save` (write a checkpoint, never a
+non-finite one), :meth:`Engine.log_event` (append a metrics record), :meth:`Engine.fit`
+(write ``results.json``). Only the main rank (``rank == 0``) writes files, and it holds the
+directory's lock (:class:`~fewshot_nsl.runlog.RunLock`) from :meth:`Engine.open_run` until
+:meth:`Engine.close` (the end of :meth:`Engine.fit`, however it ends).
+
+Order of a run (docs/reliability.md): check the directory → build data and model (a missing
+dataset fails here, before any folder exists) → lock → check again under the lock → remove
+the old run (``overwrite``) and stale temp files → resume or write config/meta → train.
 
 Reproducibility: training step ``s`` must be a pure function of the task's state and ``s``
 (the tasks draw their batches and augmentation from ``(seed, s)``), so a run resumed from a
@@ -39,7 +50,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -53,6 +66,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fewshot_nsl.checkpoint import (
+    CheckpointCorrupt,
     CheckpointMismatch,
     config_differences,
     load_checkpoint,
@@ -61,19 +75,65 @@ from fewshot_nsl.checkpoint import (
     save_checkpoint,
 )
 from fewshot_nsl.config import ConfigError, normalized_config
-from fewshot_nsl.runlog import RunDir
+from fewshot_nsl.runlog import (
+    RunDir,
+    RunDirError,
+    RunExists,
+    RunLock,
+    holds_run,
+    remove_run,
+)
 
 __all__ = [
     "Engine",
     "Evaluation",
     "LRFactor",
+    "TrainingDiverged",
+    "TrainingInterrupted",
     "check_resumable",
+    "refuse_existing_run",
     "resolve_device",
     "seed_everything",
 ]
 
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+class TrainingDiverged(ValueError):
+    """A training step produced a non-finite loss, gradient or weight; the run stopped
+    there, its last finite checkpoint kept. ``step`` is the step (1-based, as logged)."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped on SIGTERM or Ctrl-C after finishing a step, with ``last.pt``
+    written at ``step`` in ``run_dir``; ``exit_status`` is 128 + the signal number."""
+
+    def __init__(self, signal_number: int, step: int, run_dir: Path) -> None:
+        name = signal.Signals(signal_number).name
+        super().__init__(f"stopped by {name} at step {step}; wrote {run_dir / LAST}")
+        self.signal_number, self.step, self.run_dir = signal_number, step, run_dir
+        #: The command that continues the run (the command line fills it in).
+        self.resume_command = f"fewshot-nsl train --resume {run_dir}"
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signal_number
+
+
+def refuse_existing_run(path: Path) -> None:
+    """:class:`~fewshot_nsl.runlog.RunExists` (naming ``--resume`` and ``--overwrite``) when
+    a fresh run is aimed at ``path`` and it already holds a run."""
+    if holds_run(path):
+        raise RunExists(
+            f"{path} already holds a run; continue it with --resume {path}, replace it "
+            "with --overwrite, or choose another --out",
+            path=path,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,11 +212,14 @@ class Evaluation:
         message: one line for the user.
         best: a new best summary (stored in checkpoints, weights saved as ``best.pt``) when
             this evaluation improved on :attr:`Engine.best`; ``None`` otherwise.
+        stop: end training now (early stopping): ``last.pt`` is saved at this step and the
+            task's :meth:`Engine.finish` follows.
     """
 
     values: dict[str, Any]
     message: str
     best: dict[str, Any] | None = None
+    stop: bool = False
 
 
 def _progress_enabled(quiet: bool) -> bool:
@@ -211,6 +274,10 @@ class Engine(ABC):
         self.model: nn.Module | None = None
         self.train_time_s = 0.0  # wall time spent in training steps (not in evaluation)
         self._started = time.perf_counter()
+        self._lock: RunLock | None = None
+        self.built = False  # build() done (the command line builds a multi-run's first early)
+        self._saved_step: int | None = None  # step of the last.pt on disk (None: none yet)
+        self._stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler
 
     # -- what a task supplies ----------------------------------------------------------------
 
@@ -283,27 +350,107 @@ class Engine(ABC):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_schedule())
         self.build_inputs()
         self.step, self.best = 0, None
+        self.built = True
 
-    def setup(self, resume: bool = False) -> None:
-        """:meth:`build`, then :meth:`open_run`."""
-        self.build()
-        self.open_run(resume)
+    def setup(self, resume: bool = False, overwrite: bool = False) -> None:
+        """:meth:`check_run_dir`, :meth:`build` (unless done already), then :meth:`open_run`
+        (which takes the lock)."""
+        self.check_run_dir(resume, overwrite)
+        if not self.built:
+            self.build()
+        self.open_run(resume, overwrite)
 
-    def open_run(self, resume: bool) -> None:
-        """Open the run directory: resume from its ``last.pt`` (with ``resume`` and when there
-        is one), refusing a checkpoint of another config or data; else start fresh (write the
-        config and ``meta.json``)."""
+    def check_run_dir(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Refuse (one line, nothing created) what the run directory does not allow: another
+        process holds it (:class:`~fewshot_nsl.runlog.RunDirBusy`, naming its pid); a fresh
+        run into a directory that holds a run (:class:`~fewshot_nsl.runlog.RunExists`);
+        resuming where ``last.pt`` is missing but the run got further (``best.pt`` or
+        ``results.json`` exist). Main rank only (the others write nothing)."""
+        if not self.is_main:
+            return
+        path = self.out_dir
+        if self._lock is None:
+            RunLock.check_free(path)
+        if overwrite:
+            return
+        if resume:
+            if (path / LAST).is_file():
+                return
+            later = [name for name in (BEST, RunDir.RESULTS) if (path / name).is_file()]
+            if later:
+                raise RunDirError(
+                    f"cannot resume {path}: last.pt is missing but {' and '.join(later)} "
+                    "exist (deleted or moved?); put last.pt back, or start the run again "
+                    "with --overwrite",
+                    path=path,
+                )
+            return
+        refuse_existing_run(path)
+
+    def open_run(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Lock the run directory (creating it) and open it: with ``overwrite`` remove the
+        run in it first; resume from its ``last.pt`` (with ``resume`` and when there is one),
+        refusing a checkpoint of another config or data; else start fresh at step 0 (write
+        the config and ``meta.json``), saying so when ``resume`` found no ``last.pt``."""
+        if not self.is_main:
+            self.run_dir = None
+            return
         self.run_dir = RunDir(self.out_dir)
-        last = self.run_dir.file(LAST)
-        if resume and last.is_file():
-            self.restore(last)
-        elif self.is_main:
+        self._lock = self.run_dir.lock().acquire()
+        try:
+            # Again under the lock: another process may have written here since the check.
+            self.check_run_dir(resume, overwrite)
+            self.run_dir.cleanup_stale_temp()
+            path, last = self.run_dir.path, self.run_dir.file(LAST)
+            if overwrite and self.run_dir.holds_run():
+                kept = remove_run(path)
+                self._log(f"--overwrite: removed the run in {path}")
+                if kept:
+                    names = ", ".join(str(item) for item in kept[:4])
+                    self._log(f"--overwrite: kept files a run does not write: {names}")
+            if resume and last.is_file():
+                self.restore(last)
+                return
+            if resume:
+                self._check_saved_config()
+                why = (
+                    "the run stopped before its first checkpoint"
+                    if self.run_dir.holds_run()
+                    else "it holds no run"
+                )
+                self._log(f"no last.pt in {path} ({why}): starting from step 0")
+                self.run_dir.truncate_metrics(0)
             self.run_dir.write_config(self.config)
             self.run_dir.write_meta(data=self.fingerprints())
+            # The one line per run even with quiet (resuming, restore() says where instead).
+            self._log(f"[{self.config.get('name')}] run directory {self.run_dir.path}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_saved_config(self) -> None:
+        """Refuse to restart a run from step 0 with another config than its config.yaml."""
+        assert self.run_dir is not None
+        import yaml
+
+        saved_path = self.run_dir.file(RunDir.CONFIG)
+        if not saved_path.is_file():
+            return
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        if self.schema:
+            saved = normalized_config(saved, self.schema)
+        check_resumable(saved, self.config, saved_path, self.resumable_changes)
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def restore(self, path: Path) -> None:
         """Continue the run of checkpoint ``path``: weights, optimiser, schedule, step, best,
-        RNG states; the metrics log is cut back to the checkpoint's step."""
+        RNG states; the metrics log is cut back to the checkpoint's step; ``best.pt`` is
+        verified (see :meth:`_check_best`)."""
         assert self.model is not None and self.run_dir is not None, "call build() first"
         checkpoint = load_checkpoint(path, map_location=self.device)
         saved = checkpoint["config"]
@@ -322,6 +469,7 @@ class Engine(ABC):
         load_model_state(self.model, checkpoint["model"], str(path))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.step = int(checkpoint["step"])
+        self._saved_step = self.step
         self.best = checkpoint["best"]
         if checkpoint["scheduler"] is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -332,17 +480,66 @@ class Engine(ABC):
             for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                 group["lr"] = base_lr * self.scheduler.lr_lambdas[0](self.step)
         restore_rng_state(checkpoint["rng"])
+        self._check_best()
         if self.is_main:
             self.run_dir.truncate_metrics(self.step)
             self.run_dir.write_config(self.config)
             self._log(f"resumed {self.run_dir.path} at step {self.step}")
 
+    def _check_best(self) -> None:
+        """On resume, the ``best.pt`` that ``last.pt``'s best record points to must be there
+        and intact (else the test would silently use other weights, or fail at the very end
+        of every resumed run). A ``best.pt`` from after ``last.pt`` (a run killed between
+        the two writes) is the best validation of this same trajectory so far: its record
+        is kept as the best."""
+        assert self.run_dir is not None
+        if self.best is None:
+            return
+        path = self.run_dir.path
+        best_path = self.run_dir.file(BEST)
+        recover = (
+            f"restore best.pt from a backup, or train the run again with --overwrite "
+            f"(train --out {path} --overwrite ...)"
+        )
+        try:
+            state = load_checkpoint(best_path, map_location="cpu")
+        except FileNotFoundError:
+            raise RunDirError(
+                f"cannot resume {path}: best.pt (the weights validation chose at step "
+                f"{self.best.get('step')}) is missing; {recover}",
+                path=path,
+            ) from None
+        except CheckpointCorrupt as error:
+            raise RunDirError(
+                f"cannot resume {path}: best.pt is damaged ({str(error).split(': ', 1)[-1]}); "
+                f"{recover}",
+                path=path,
+            ) from None
+        saved_best, best_step = state.get("best"), int(state["step"])
+        if best_step == self.best.get("step"):
+            return
+        if best_step > self.step and saved_best is not None:
+            self._log(
+                f"best.pt is from step {best_step}, after last.pt (step {self.step}): "
+                "keeping it as the best so far"
+            )
+            self.best = saved_best
+            return
+        raise RunDirError(
+            f"cannot resume {path}: best.pt is from step {best_step} but last.pt records the "
+            f"best at step {self.best.get('step')} (files of different runs?); {recover}",
+            path=path,
+        )
+
     # -- writing -----------------------------------------------------------------------------
 
     def save(self, name: str) -> None:
-        """Checkpoint the run as ``name`` (``last.pt`` / ``best.pt``) in the run directory."""
-        assert self.model is not None and self.run_dir is not None, "call setup() first"
+        """Checkpoint the run as ``name`` (``last.pt`` / ``best.pt``) in the run directory;
+        a state holding NaN/inf is refused (:class:`~fewshot_nsl.checkpoint.NonFiniteState`),
+        the previous file kept."""
+        assert self.model is not None, "call setup() first"
         if self.is_main:
+            assert self.run_dir is not None, "call setup() first"
             save_checkpoint(
                 self.run_dir.file(name),
                 model=self.model,
@@ -352,7 +549,10 @@ class Engine(ABC):
                 config=self.config,
                 data=self.fingerprints(),
                 best=self.best,
+                require_finite=True,
             )
+        if name == LAST:
+            self._saved_step = self.step
 
     def log_event(self, event: str, step: int, **values: Any) -> None:
         """Append a record to ``metrics.jsonl`` (main rank only)."""
@@ -383,10 +583,41 @@ class Engine(ABC):
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.gradient_step(step)
+        bad = [key for key, value in metrics.items() if not math.isfinite(value)]
+        if bad:
+            self._diverged(step, f"the {bad[0]} is {metrics[bad[0]]}")
+        self._check_finite(step, "gradient", {n: p.grad for n, p in self.model.named_parameters()})
         self.optimizer.step()
+        self._check_finite(step, "weight", dict(self.model.named_parameters()))
         self.scheduler.step()
         self.train_time_s += time.perf_counter() - started
         return {**metrics, "lr": lr}
+
+    def _check_finite(
+        self, step: int, what: str, tensors: Mapping[str, torch.Tensor | None]
+    ) -> None:
+        """:meth:`_diverged` when a tensor of ``tensors`` holds NaN/inf (one device sync)."""
+        present = {name: t for name, t in tensors.items() if t is not None}
+        if not present:
+            return
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(t).all() for t in present.values()])
+        if not bool(finite.all()):
+            name = list(present)[int((~finite).nonzero()[0])]
+            self._diverged(step, f"the {what} of {name} is not finite")
+
+    def _diverged(self, step: int, what: str) -> None:
+        """:class:`TrainingDiverged` for training step ``step`` (0-based; said 1-based)."""
+        kept = (
+            f"the last finite checkpoint is {self.out_dir / LAST} (step {self._saved_step})"
+            if self._saved_step is not None
+            else "no checkpoint was written"
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {step + 1}: {what} (lower train.lr or the "
+            f"learner's learning rate); stopped, {kept}",
+            step=step + 1,
+        )
 
     def train(self) -> None:
         """Train from ``self.step`` to :attr:`total_steps`: log, evaluate, checkpoint."""
@@ -403,6 +634,7 @@ class Engine(ABC):
             dynamic_ncols=True,
         ) as bar:
             while self.step < total:
+                self._stop_if_asked()
                 metrics = self.step_once(self.step)
                 self.step += 1
                 window.append(metrics)
@@ -410,14 +642,52 @@ class Engine(ABC):
                 if self.step % train["log_every"] == 0 or self.step == total:
                     self._log_window(window, started, first, bar)
                     window = []
+                stop = False
                 if (every and self.step % every == 0) or (
                     self.step == total and self.final_evaluation
                 ):
-                    self._evaluate(bar)
-                if self.step == total or (
-                    train["checkpoint_every"] and self.step % train["checkpoint_every"] == 0
+                    stop = self._evaluate(bar)
+                if (
+                    stop
+                    or self.step == total
+                    or (train["checkpoint_every"] and self.step % train["checkpoint_every"] == 0)
                 ):
                     self.save(LAST)
+                if stop:  # early stopping: log the unfinished window, then finish
+                    if window:
+                        self._log_window(window, started, first, bar)
+                    break
+            self._stop_if_asked()
+
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM / Ctrl-C asked the run to stop (the distributed trainer makes
+        every rank agree)."""
+        return self._stop_signal is not None
+
+    def _stop_if_asked(self) -> None:
+        """After a finished step: on SIGTERM / Ctrl-C write ``last.pt`` (unless it is of
+        this step already) and raise :class:`TrainingInterrupted`."""
+        if not self.stop_requested():
+            return
+        if self._saved_step != self.step:
+            self.save(LAST)
+        raise TrainingInterrupted(
+            self._stop_signal or signal.SIGTERM, self.step, self.out_dir.resolve()
+        )
+
+    def _handle_stop_signal(self, signal_number: int, frame: Any) -> None:
+        """SIGTERM / first Ctrl-C: stop after the current step. A second Ctrl-C stops at
+        once (``KeyboardInterrupt``), resumable from the last checkpoint."""
+        if signal_number == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signal_number
+        if self.is_main:
+            print(
+                f"\nfewshot-nsl: {signal.Signals(signal_number).name}: stopping after this "
+                "step (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _log_window(
         self, window: list[dict[str, float]], started: float, first: int, bar: tqdm
@@ -437,22 +707,54 @@ class Engine(ABC):
                 f"({rate:.1f} steps/s)"
             )
 
-    def _evaluate(self, bar: tqdm) -> None:
+    def _evaluate(self, bar: tqdm) -> bool:
+        """Evaluate, log, keep the best; whether the task asks to stop training."""
         evaluation = self.evaluate(self.step)
+        # Finite weights can still score inf/NaN (overflowing logits): that model diverged too,
+        # and its record must not become the best (a best.pt is never non-finite).
+        bad = [
+            key
+            for key, value in evaluation.values.items()
+            if isinstance(value, float) and not math.isfinite(value)
+        ]
+        if bad:
+            self._diverged(
+                self.step - 1, f"the {self.eval_event} {bad[0]} is {evaluation.values[bad[0]]}"
+            )
+        self.log_event(self.eval_event, self.step, **evaluation.values)
         if evaluation.best is not None:
             self.best = evaluation.best
-        self.log_event(self.eval_event, self.step, **evaluation.values)
         self.say(evaluation.message, bar)
         if evaluation.best is not None:
             self.save(BEST)
+        return evaluation.stop
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Setup (or resume), train, finish; write and return ``results.json``'s payload."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Setup (fresh, resumed or overwriting), train, finish; write and return
+        ``results.json``'s payload. The run directory stays locked throughout; SIGTERM and
+        Ctrl-C stop it after a step (:class:`TrainingInterrupted`)."""
         self._started = time.perf_counter()
-        self.setup(resume=resume)
-        self.train()
-        results = self.finish()
-        if self.is_main:
-            assert self.run_dir is not None
-            self.run_dir.write_json(RunDir.RESULTS, results)
-        return results
+        handlers = self._install_signal_handlers()
+        try:
+            self.setup(resume=resume, overwrite=overwrite)
+            self.train()
+            results = self.finish()
+            if self.is_main:
+                assert self.run_dir is not None
+                self.run_dir.write_json(RunDir.RESULTS, results)
+            return results
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+            self.close()
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Route SIGTERM and SIGINT to :meth:`_handle_stop_signal`; the previous handlers
+        (to put back). Only the main thread can set handlers: elsewhere, none."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        self._stop_signal = None
+        return {
+            number: signal.signal(number, self._handle_stop_signal)
+            for number in (signal.SIGTERM, signal.SIGINT)
+        }

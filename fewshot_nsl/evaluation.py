@@ -7,12 +7,15 @@ by splitting the indices (``shard``) and putting the accuracies back in order (`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from episodes import EpisodeSampler, ImageSplit, load_manifest
@@ -20,7 +23,32 @@ from episodes.sampler import EpisodeSource
 from fewshot_nsl.learners import Learner
 from fewshot_nsl.stats import MeanCI, mean_ci
 
-__all__ = ["EvalResult", "evaluate_episodes", "evaluate_shots", "test_source"]
+__all__ = [
+    "EvalResult",
+    "episode_progress",
+    "evaluate_episodes",
+    "evaluate_shots",
+    "stored_accuracies",
+    "test_source",
+    "test_way",
+    "val_query",
+]
+
+#: Decimals of the per-episode accuracies in ``results.json`` (:meth:`EvalResult.as_dict`).
+STORED_DECIMALS = 6
+
+
+def test_way(config: Mapping[str, Any]) -> int:
+    """Way of the validation and test episodes: ``episodes.test_way``, else ``episodes.way``."""
+    episodes = config["episodes"]
+    return episodes.get("test_way") or episodes["way"]
+
+
+def val_query(config: Mapping[str, Any]) -> int:
+    """Queries per class of the validation episodes: ``episodes.val_query``, else
+    ``episodes.query``."""
+    episodes = config["episodes"]
+    return episodes.get("val_query") or episodes["query"]
 
 
 def evaluate_episodes(
@@ -29,13 +57,16 @@ def evaluate_episodes(
     indices: Sequence[int],
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    losses: np.ndarray | None = None,
 ) -> np.ndarray:
     """Query accuracy of ``learner`` on episodes ``source.episode(i)``, ``i in indices``.
 
     The learner is put in eval mode (MAML uses ``inner_steps_eval``) and restored afterwards;
     no meta-gradient graph is built. Returns float64 ``(len(indices),)`` in index order.
-    ``progress(n)`` is called after each episode. Any subset of indices can be scored on its
-    own, so evaluation shards over ranks by splitting ``indices``.
+    ``progress(n)`` is called after each episode. When ``losses`` (float64
+    ``(len(indices),)``) is given, it receives each episode's mean query cross-entropy (the
+    validation loss that ``train.select_by: val_loss`` watches). Any subset of indices can be
+    scored on its own, so evaluation shards over ranks by splitting ``indices``.
     """
     was_training = learner.training
     learner.eval()
@@ -48,11 +79,52 @@ def evaluate_episodes(
                 logits = learner.predict(state, episode.query_x)
                 correct = (logits.argmax(dim=-1) == episode.query_y).double().mean()
                 accuracies[position] = float(correct)
+                if losses is not None:
+                    losses[position] = float(F.cross_entropy(logits, episode.query_y))
                 if progress is not None:
                     progress(1)
     finally:
         learner.train(was_training)
     return accuracies
+
+
+@contextmanager
+def episode_progress(
+    total: int,
+    desc: str,
+    show_bar: bool,
+    log: Callable[[str], None] | None = None,
+    min_interval_s: float = 0.0,
+) -> Iterator[Callable[[int], None]]:
+    """Progress of scoring ``total`` episodes; yields ``update(n)`` (n more episodes done).
+
+    On a terminal (``show_bar``): a tqdm bar that disappears when done. Otherwise, with a
+    ``log``: a line ``"{desc}: done/total episodes (rate/s)"`` each time another tenth of the
+    episodes is done and at the end, if at least ``min_interval_s`` after the previous line
+    (or the start), so that with an interval a short phase says nothing; without a ``log``:
+    nothing.
+    """
+    if show_bar:
+        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
+            yield bar.update
+        return
+    if log is None:
+        yield lambda n: None
+        return
+    every = max(1, -(-total // 10))  # a tenth, rounded up
+    done = 0
+    started = last = time.perf_counter()
+
+    def update(n: int) -> None:
+        nonlocal done, last
+        before, done = done, done + n
+        now = time.perf_counter()
+        boundary = done // every > before // every or done == total
+        if boundary and now - last >= min_interval_s:
+            last = now
+            log(f"{desc}: {done}/{total} episodes ({done / max(now - started, 1e-9):.1f}/s)")
+
+    yield update
 
 
 def test_source(
@@ -65,17 +137,17 @@ def test_source(
     """The frozen test episodes of ``shot``: ``(source, num_episodes, description)``.
 
     From a manifest when given (``{shot}`` in the path is replaced by the shot; all its
-    episodes are used), else ``EpisodeSampler(split, way, shot, test_query,
+    episodes are used), else ``EpisodeSampler(split, test_way, shot, test_query,
     seed=episodes.eval_seed)`` — the same episodes for every model evaluated on this data.
     """
     episodes = config["episodes"]
     if manifest:
         path = manifest.format(shot=shot)
-        source = load_manifest(path, split, way=episodes["way"], shot=shot)
+        source = load_manifest(path, split, way=test_way(config), shot=shot)
         return source, len(source), f"manifest {path}"
     sampler = EpisodeSampler(
         split,
-        episodes["way"],
+        test_way(config),
         shot,
         episodes["test_query"],
         seed=episodes["eval_seed"],
@@ -106,7 +178,7 @@ class EvalResult:
             "episodes": int(len(self.accuracies)),
             "source": self.source,
             **self.summary.as_dict(),
-            "accuracies": [round(float(a), 6) for a in self.accuracies],
+            "accuracies": [round(float(a), STORED_DECIMALS) for a in self.accuracies],
         }
 
 
@@ -121,22 +193,39 @@ def evaluate_shots(
     show_progress: bool = True,
     shard: Callable[[list[int]], list[int]] | None = None,
     gather: Callable[[np.ndarray, list[int]], np.ndarray] | None = None,
+    log: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> dict[int, EvalResult]:
     """:func:`evaluate_episodes` on the frozen test episodes of every shot in ``shots``.
 
     ``shard``/``gather`` (default: identity) split the episode indices over ranks and put the
-    accuracies back together (see the module docstring).
+    accuracies back together (see the module docstring). Progress (:func:`episode_progress`):
+    a bar when ``show_progress``, else lines through ``log`` (when given), named
+    ``"[label] test N-shot"`` (``label`` default: the config's name).
     """
     results = {}
+    label = config.get("name") if label is None else label
     for shot in shots:
         source, count, description = test_source(config, split, shot, num_episodes, manifest)
         indices = list(range(count))
         mine = shard(indices) if shard is not None else indices
-        with tqdm(
-            total=len(mine), desc=f"test {shot}-shot", disable=not show_progress, leave=False
-        ) as bar:
-            local = evaluate_episodes(learner, source, mine, device, progress=bar.update)
+        desc = f"[{label}] test {shot}-shot"
+        with episode_progress(len(mine), desc, show_progress, log) as update:
+            local = evaluate_episodes(learner, source, mine, device, progress=update)
         accuracies = gather(local, indices) if gather is not None else local
         query = config["episodes"]["test_query"] if not manifest else source.episode(0).query
-        results[shot] = EvalResult(config["episodes"]["way"], shot, query, accuracies, description)
+        results[shot] = EvalResult(test_way(config), shot, query, accuracies, description)
     return results
+
+
+def stored_accuracies(test: Mapping[str, Any]) -> np.ndarray:
+    """The per-episode accuracies of a ``results.json`` test entry (:meth:`EvalResult.as_dict`)
+    as float64 ``(episodes,)``, exactly as scored: an accuracy is ``k / (way · query)`` for
+    ``k`` correct queries, so the stored 6-decimal value gives ``k`` back (when every value
+    does; otherwise the stored values are returned as they are)."""
+    values = np.asarray(test["accuracies"], dtype=np.float64)
+    queries = int(test["way"]) * int(test["query"])
+    correct = np.round(values * queries)
+    if np.all(np.abs(correct / queries - values) <= 0.5 * 10.0**-STORED_DECIMALS + 1e-12):
+        return correct / queries
+    return values

@@ -252,6 +252,21 @@ def next_free_run_dir(path: str | Path) -> Path:
     return candidate
 
 
+def _busy(path: Path, descriptor: int) -> RunDirBusy:
+    """The :class:`RunDirBusy` of run directory ``path`` whose lock file, open as
+    ``descriptor``, names the holder (``PID HOST``)."""
+    holder = os.pread(descriptor, 256, 0).decode(errors="replace").split()
+    pid = int(holder[0]) if holder and holder[0].isdigit() else None
+    where = f" on {holder[1]}" if len(holder) > 1 else ""
+    return RunDirBusy(
+        f"run directory {path} is in use by another run (pid "
+        f"{pid if pid is not None else 'unknown'}{where}); wait for it to finish or "
+        "choose another output directory",
+        path=path,
+        pid=pid,
+    )
+
+
 class RunLock:
     """The exclusive lock of one run directory: ``flock`` on ``DIR/run.lock``, holding
     ``"PID HOST"`` of the holder. Use as a context manager (or ``acquire``/``release``)::
@@ -291,17 +306,9 @@ class RunLock:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(descriptor, 256, 0).decode(errors="replace").split()
+            busy = _busy(self.path, descriptor)
             os.close(descriptor)
-            pid = int(holder[0]) if holder and holder[0].isdigit() else None
-            where = f" on {holder[1]}" if len(holder) > 1 else ""
-            raise RunDirBusy(
-                f"run directory {self.path} is in use by another run (pid "
-                f"{pid if pid is not None else 'unknown'}{where}); wait for it to finish or "
-                "choose another output directory",
-                path=self.path,
-                pid=pid,
-            ) from None
+            raise busy from None
         try:
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()} {platform.node()}\n".encode(), 0)
@@ -319,6 +326,21 @@ class RunLock:
         if self._descriptor is not None:
             descriptor, self._descriptor = self._descriptor, None
             os.close(descriptor)  # closing the only descriptor releases the flock
+
+    @staticmethod
+    def check_free(path: str | Path) -> None:
+        """Raise :class:`RunDirBusy` (naming the holder's pid) when some process holds the lock
+        of run directory ``path`` now; creates nothing (a check before a run starts)."""
+        try:
+            descriptor = os.open(Path(path) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(Path(path), descriptor) from None
+        finally:
+            os.close(descriptor)
 
     @staticmethod
     def is_held(path: str | Path) -> bool:

@@ -38,6 +38,7 @@ Distributed seam (torch.distributed is added on top of this, in
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -53,7 +54,15 @@ from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontal
 from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.engine import Engine, Evaluation, LRFactor
-from fewshot_nsl.evaluation import EvalResult, evaluate_episodes, evaluate_shots, test_source
+from fewshot_nsl.evaluation import (
+    EvalResult,
+    episode_progress,
+    evaluate_episodes,
+    evaluate_shots,
+    test_source,
+    test_way,
+    val_query,
+)
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS
 from fewshot_nsl.learners import Learner, build_learner
 from fewshot_nsl.stats import MeanCI, mean_ci
@@ -87,6 +96,10 @@ RESUMABLE_CHANGES = (
 )
 
 
+#: A validation prints progress lines in a log (no terminal) only this long after it began.
+VAL_LOG_AFTER_S = 30.0
+
+
 class DatasetNotFound(FileNotFoundError):
     """The dataset of a config is not where ``data.root`` says; says how to prepare it."""
 
@@ -94,8 +107,9 @@ class DatasetNotFound(FileNotFoundError):
 # -- building blocks -------------------------------------------------------------------------
 
 
-def load_split(config: Mapping[str, Any], split: str) -> ImageSplit:
-    """Split ``split`` ("train" | "val" | "test") of the config's dataset.
+def load_split(config: Mapping[str, Any], split: str, verify: str = "sampled") -> ImageSplit:
+    """Split ``split`` ("train" | "val" | "test") of the config's dataset; a cache's images are
+    checked against its stored content hashes (``verify``: "sampled" rows or "full").
 
     Raises:
         DatasetNotFound: the data is missing; the message gives the ``prepare-data`` command.
@@ -107,7 +121,7 @@ def load_split(config: Mapping[str, Any], split: str) -> ImageSplit:
         "and set data.root=DIR"
     )
     try:
-        return build_split(name, split, root, **data["options"])
+        return build_split(name, split, root, verify=verify, **data["options"])
     except FileNotFoundError as error:
         raise DatasetNotFound(f"data.root: dataset {name!r} not found ({error}); {how}") from error
     except ValueError as error:
@@ -118,17 +132,28 @@ def load_split(config: Mapping[str, Any], split: str) -> ImageSplit:
 
 def build_model(config: Mapping[str, Any], in_channels: int) -> Learner:
     """The learner of ``config`` (``learner`` and ``model`` sections) for ``in_channels``-channel
-    images, its errors reported as :class:`ConfigError`."""
+    images, its errors reported as :class:`ConfigError` (also a ``episodes.test_way`` that the
+    learner cannot adapt to: one with a way-sized head, as MAML)."""
+    way = config["episodes"]["way"]
     try:
-        way = config["episodes"]["way"]
-        return build_learner(config["learner"], config["model"], in_channels=in_channels, way=way)
+        learner = build_learner(
+            config["learner"], config["model"], in_channels=in_channels, way=way
+        )
     except (ValueError, TypeError) as error:
         raise ConfigError(f"learner/model: {error}") from error
+    if test_way(config) != way and not learner.any_way:
+        raise ConfigError(
+            f"episodes.test_way: {test_way(config)} differs from episodes.way {way}, but learner "
+            f"{config['learner']['name']!r} has a {way}-way head; it can only test at its "
+            "training way"
+        )
+    return learner
 
 
 def train_transform(config: Mapping[str, Any], split: ImageSplit) -> Callable | None:
     """Augmentation of training episodes (``data.augment``): pad-by-1/8 random crop and
-    horizontal flip, then the split's normalisation; ``None`` (= normalisation only) when off.
+    horizontal flip, then the split's normalisation (``ImageSplit.normalization``: its
+    ``data.options.normalize`` mode); ``None`` (= normalisation only) when off.
     Drawn from each episode's own generator, so it is part of the episode's pure function."""
     if not config["data"]["augment"]:
         return None
@@ -137,7 +162,7 @@ def train_transform(config: Mapping[str, Any], split: ImageSplit) -> Callable | 
         [
             RandomCrop((height, width), padding=max(1, height // 8)),
             RandomHorizontalFlip(),
-            Normalize(split.mean, split.std),
+            Normalize(*split.normalization),
         ]
     )
 
@@ -157,6 +182,8 @@ class MetaTrainer(Engine):
         rank / world_size: this process's place among the training processes.
         quiet: no progress bar nor progress lines.
         log: where progress lines go when there is no TTY for a progress bar.
+        verify_data: how much of a dataset cache is checked against its stored content
+            hashes when loaded: ``"sampled"`` rows or ``"full"`` (``--verify-data``).
     """
 
     resumable_changes = RESUMABLE_CHANGES
@@ -172,9 +199,14 @@ class MetaTrainer(Engine):
         world_size: int = 1,
         quiet: bool = False,
         log: Callable[[str], None] | None = None,
+        verify_data: str = "sampled",
     ) -> None:
         super().__init__(config, out_dir, rank=rank, world_size=world_size, quiet=quiet, log=log)
+        self.verify_data = verify_data
         self.splits: dict[str, ImageSplit] = {}
+        #: ``tested`` ("best.pt" / "final weights"), ``tested_step``, ``best``: what
+        #: :meth:`test` evaluated, read from the checkpoint it loaded.
+        self.tested: dict[str, Any] = {}
         self.val_sampler: EpisodeSampler | None = None
         self.compiled_meta_loss: Callable | None = None  # train.compile: see task_backward
 
@@ -202,7 +234,7 @@ class MetaTrainer(Engine):
     def split(self, name: str) -> ImageSplit:
         """Split ``name`` of the run's dataset (built once)."""
         if name not in self.splits:
-            self.splits[name] = load_split(self.config, name)
+            self.splits[name] = load_split(self.config, name, verify=self.verify_data)
         return self.splits[name]
 
     def fingerprints(self) -> dict[str, str]:
@@ -245,11 +277,11 @@ class MetaTrainer(Engine):
         )
         self.val_sampler = None
         if episodes["val_episodes"] > 0 and config["train"]["val_every"] > 0:
-            self.val_sampler = EpisodeSampler(
+            self.val_sampler = EpisodeSampler(  # at the test way: the protocol that is reported
                 self.split("val"),
-                episodes["way"],
+                test_way(config),
                 episodes["shot"],
-                episodes["query"],
+                val_query(config),
                 seed=episodes["eval_seed"],
                 num_episodes=episodes["val_episodes"],
             )
@@ -298,7 +330,10 @@ class MetaTrainer(Engine):
         self.reduce_gradients()
         grad_clip = self.config["train"]["grad_clip"]
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.learner.parameters(), grad_clip)
+            if self.config["train"]["grad_clip_mode"] == "value":  # each element to ±grad_clip
+                torch.nn.utils.clip_grad_value_(self.learner.parameters(), grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.learner.parameters(), grad_clip)
         return {"loss": total_loss / len(tasks), "accuracy": total_accuracy / len(tasks)}
 
     def task_backward(self, episode: Episode, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,37 +392,68 @@ class MetaTrainer(Engine):
         metrics = self.step_once(step)
         return metrics["loss"], metrics["accuracy"]
 
-    def validate(self) -> MeanCI:
-        """Accuracy on the fixed validation episodes."""
+    def validate(self) -> tuple[MeanCI, float]:
+        """Accuracy and mean query cross-entropy on the fixed validation episodes."""
         assert self.learner is not None and self.val_sampler is not None
         indices = list(range(len(self.val_sampler)))
-        local = evaluate_episodes(self.learner, self.val_sampler, self.shard(indices), self.device)
-        return mean_ci(self.gather(local, indices))
+        mine = self.shard(indices)
+        losses = np.empty(len(mine), dtype=np.float64)
+        # Lines in a log only when a validation is long (a short one's result line follows).
+        desc = f"[{self.config['name']}] val"
+        with episode_progress(len(mine), desc, self.show_bar, self.say, VAL_LOG_AFTER_S) as update:
+            local = evaluate_episodes(
+                self.learner, self.val_sampler, mine, self.device, update, losses=losses
+            )
+        return mean_ci(self.gather(local, indices)), float(self.gather(losses, indices).mean())
 
     def evaluate(self, step: int) -> Evaluation:
-        summary = self.validate()
-        improved = self.best is None or summary.mean > self.best["accuracy"]
-        message = f"[{self.config['name']}] step {step} val acc {summary.format()}" + (
-            " (best)" if improved else ""
+        summary, loss = self.validate()
+        train = self.config["train"]
+        if self.best is None:
+            improved = True
+        elif train["select_by"] == "val_loss":
+            improved = loss < self.best.get("loss", math.inf)
+        else:
+            improved = summary.mean > self.best["accuracy"]
+        # A resumed run re-evaluating the step of its best (kept from a best.pt written after
+        # last.pt) marks it best again, as the uninterrupted run did.
+        improved = improved or step == self.best["step"]  # type: ignore[index]
+        best_step = step if improved else self.best["step"]  # type: ignore[index]
+        # Early stopping as the ProtoNet reference: stop once the validations since the best
+        # one (derived from the steps, so a resumed run counts the same) exceed the patience.
+        since_best = (step - best_step) // max(1, train["val_every"])
+        stop = train["patience"] is not None and since_best > train["patience"]
+        message = (
+            f"[{self.config['name']}] step {step} val acc {summary.format()} loss {loss:.4f}"
+            + (" (best)" if improved else "")
+            + (f"; stopping: {since_best} validations without a new best" if stop else "")
         )
         return Evaluation(
-            values={"accuracy": summary.mean, "ci95": summary.ci95, "best": improved},
+            values={"accuracy": summary.mean, "ci95": summary.ci95, "loss": loss, "best": improved},
             message=message,
-            best={"step": step, "accuracy": summary.mean, "ci95": summary.ci95}
+            best={"step": step, "accuracy": summary.mean, "ci95": summary.ci95, "loss": loss}
             if improved
             else None,
+            stop=stop,
         )
 
     # -- results -----------------------------------------------------------------------------
 
     def load_best(self) -> None:
         """Load ``best.pt``'s weights into the learner when validation chose any (part of the
-        distributed seam: there rank 0 loads and sends them to the other ranks)."""
+        distributed seam: there rank 0 loads and sends them to the other ranks), and record
+        what is tested from the checkpoint itself (:attr:`tested`)."""
         assert self.learner is not None and self.run_dir is not None
-        best_path = self.run_dir.file("best.pt")
-        if self.best is not None and best_path.is_file():
-            best = load_checkpoint(best_path, self.device)["model"]
-            load_model_state(self.learner, best, str(best_path))
+        self.tested = {"tested": "final weights", "tested_step": self.step, "best": None}
+        if self.best is not None:
+            best_path = self.run_dir.file("best.pt")
+            best = load_checkpoint(best_path, self.device)
+            load_model_state(self.learner, best["model"], str(best_path))
+            self.tested = {
+                "tested": "best.pt",
+                "tested_step": int(best["step"]),
+                "best": best["best"],
+            }
 
     def test(self) -> dict[int, EvalResult]:
         """Test the best weights (the final ones without validation) on every test shot."""
@@ -405,6 +471,7 @@ class MetaTrainer(Engine):
             show_progress=self.show_bar,
             shard=self.shard,
             gather=self.gather,
+            log=self.say,
         )
 
     def results(self, tests: Mapping[int, EvalResult], wall_time_s: float) -> dict[str, Any]:
@@ -417,10 +484,13 @@ class MetaTrainer(Engine):
             "conv": config["model"]["conv"],
             "bn": getattr(self.learner, "bn", None),
             "way": config["episodes"]["way"],
+            "test_way": test_way(config),
             "train_shot": config["episodes"]["shot"],
             "steps": self.step,
-            "best": self.best,
-            "tested": "best.pt" if self.best is not None else "final weights",
+            "stopped_early": self.step < self.total_steps,
+            "seed": config["train"]["seed"],
+            # What was tested, as its checkpoint says (not the config nor the engine's state).
+            **self.tested,
             "data": self.fingerprints(),
             "wall_time_s": round(wall_time_s, 2),
             "test": {str(shot): result.as_dict() for shot, result in tests.items()},

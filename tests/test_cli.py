@@ -55,7 +55,8 @@ def test_train_then_eval_and_compare(tiny: Path, tmp_path: Path, capsys) -> None
         capsys, "train", "--config", str(tiny), "--out", str(out), "train.steps=3"
     )
     assert status == 0, stderr
-    assert "# resolved config" in stdout and "steps: 3" in stdout
+    assert "steps: 3" not in stdout + stderr  # the resolved config: in the run directory only
+    assert f"[tiny] run directory {out}" in stderr
     assert "accuracy (%) ± 95% CI" in stdout
     assert "step 3/3" in stderr  # progress lines when stderr is not a TTY
     for name in ("config.yaml", "meta.json", "metrics.jsonl", "best.pt", "last.pt", "results.json"):
@@ -117,6 +118,14 @@ def test_multi_run_config_prints_one_table_and_resumes(tiny: Path, tmp_path: Pat
     assert (out / "plain" / "results.json").is_file() and (out / "static" / "best.pt").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert [row["method"] for row in summary["rows"]] == ["plain", "static"]
+    for row, name in zip(summary["rows"], ("plain", "static")):  # numbers, not "73.99 ± 0.84"
+        test = json.loads((out / name / "results.json").read_text())["test"]["1"]
+        assert (row["mean"], row["ci95"], row["episodes"], row["query"]) == (
+            test["mean"],
+            test["ci95"],
+            4,
+            2,
+        )
 
     # Resuming a finished multi-run directory reuses results; extending trains on.
     status, stdout, stderr = run_cli(
@@ -233,10 +242,23 @@ def test_list(capsys) -> None:
         "conv4",
         "learners:",
         "dynamic_nsn",
-        "configs:",
-        "quickstart.yaml",
+        "configs (in ",
+        "\n  quickstart.yaml\n",  # relative to the configs folder named in the heading
     ):
         assert item in stdout
+    # each config with what it reproduces (its reference block), briefly
+    configs = run_cli(capsys, "list", "configs")[1].splitlines()
+    at = next(
+        i
+        for i, line in enumerate(configs)
+        if line.endswith("maml_conv4_miniimagenet_1shot_reference.yaml")
+    )
+    assert configs[at + 1].strip() == (
+        "reproduces: MAML, MiniImagenet 5-way 1-shot, as main.py's command line and the "
+        "reference graph"
+    )
+    assert configs[at + 2].strip().startswith("published: 48.70 ± 1.84 %")
+    assert configs[at + 2].strip().endswith("; 0 deviation(s) listed in the file")
     assert run_cli(capsys, "list", "learners")[1].split() == [
         "learners:",
         "dynamic_nsn",

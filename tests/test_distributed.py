@@ -337,6 +337,7 @@ def _single_process_reference(work: Path) -> dict[str, Any]:
             trainer.save("last.pt")
         if trainer.step >= 3:
             reference[f"step{trainer.step}"] = model_state(trainer)
+    trainer.close()  # free work/R's run lock for the 2-rank resume (another process)
     reference["trainer"] = trainer
     uneven = MetaTrainer(tiny_config(steps=2, tasks_per_batch=3), work / "U1", quiet=True)
     uneven.setup()

@@ -263,7 +263,7 @@ def test_normalize_against_reference():
         std
     ).double().view(1, 3, 1, 1)
     assert torch.allclose(out.double(), reference, atol=1e-6)
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(ValueError, match="std must be non-zero"):
         transforms.Normalize((0.0,), (0.0,))
 
 
@@ -422,3 +422,18 @@ def test_unit_normalization_scales_to_0_1_and_keeps_the_data():
     torch.testing.assert_close(episode.support_x.double(), torch.from_numpy(pixels))
     with pytest.raises(ValueError, match="normalize must be one of"):
         build_split("synthetic", "val", num_classes=4, images_per_class=4, normalize="minmax")
+
+
+def test_unit_inverted_normalization_is_one_minus_pixel_over_255():
+    """cbfinn/maml's Omniglot input: ``1.0 - image / 255`` (strokes 1, background 0)."""
+    from episodes import build_split
+
+    split = build_split(
+        "synthetic", "val", num_classes=4, images_per_class=4, normalize="unit_inverted"
+    )
+    episode = EpisodeSampler(split, 2, 1, 1, seed=0)[0]
+    pixels = 1.0 - split.images[episode.support_indices.numpy()].transpose(0, 3, 1, 2) / 255.0
+    torch.testing.assert_close(episode.support_x.double(), torch.from_numpy(pixels))
+    uint8 = EpisodeSampler(split, 2, 1, 1, seed=0, output="uint8")[0]
+    as_float = transforms.to_float_normalized(uint8.support_x, *split.normalization)
+    torch.testing.assert_close(as_float, episode.support_x, rtol=0, atol=0)

@@ -257,6 +257,26 @@ def test_patch_norm_matches_unfold():
     torch.testing.assert_close(out.flatten(1), expected)
 
 
+@pytest.mark.parametrize("kernel, dilation", [((2, 2), 1), ((3, 2), 1), ((2, 4), 2), ((3, 3), 2)])
+def test_patch_norm_same_padding_matches_naive_loop(kernel, dilation):
+    """padding="same", even kernels included: output at the input size, the window of (i, j)
+    starting ``dilation * (k - 1) // 2`` before it (the odd zero row/column after the image,
+    as conv2d's "same" does), checked against a loop over windows."""
+    x = torch.randn(2, 3, 5, 6, dtype=DTYPE)
+    (kh, kw), d = kernel, dilation
+    squares = x.pow(2).sum(1)
+    expected = torch.zeros(2, 1, 5, 6, dtype=DTYPE)
+    for i in range(5):
+        for j in range(6):
+            for a in range(kh):
+                for b in range(kw):
+                    row, col = i - d * (kh - 1) // 2 + d * a, j - d * (kw - 1) // 2 + d * b
+                    if 0 <= row < 5 and 0 <= col < 6:
+                        expected[:, 0, i, j] += squares[:, row, col]
+    out = patch_norm(x, kernel, padding="same", dilation=dilation)
+    torch.testing.assert_close(out, (expected + 1e-4).sqrt(), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Factory
 # ---------------------------------------------------------------------------------------------

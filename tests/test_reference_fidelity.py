@@ -253,3 +253,42 @@ def test_maml_reproduction_configs_use_the_reference_settings(path: Path) -> Non
     else:
         assert learner["head_init"] == "xavier_uniform" and episodes["query"] == 15
     assert config["reference"]["protocol"]["test_query_per_class"] == episodes["shot"]
+    # pixels as the reference feeds them; its last weights tested; its meta-gradient clipping
+    omniglot = "omniglot" in path.stem
+    assert config["data"]["options"]["normalize"] == ("unit_inverted" if omniglot else "unit")
+    assert episodes["val_episodes"] == 0  # no model selection: the final weights are tested
+    clip = (None, "norm") if omniglot else (10.0, "value")  # tf.clip_by_value: Mini-ImageNet
+    assert (config["train"]["grad_clip"], config["train"]["grad_clip_mode"]) == clip
+
+
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("protonet_*_reference.yaml")), ids=lambda p: p.stem
+)
+def test_protonet_reproduction_configs_use_the_reference_protocol(path: Path) -> None:
+    """run_train.py: train N-way, validate/test 5-way with 15 queries per class, an epoch of
+    100 episodes, Adam 1e-3 halved every 20 epochs, best = lowest validation loss, stop when
+    wait > 200 epochs; run_eval.py: 1000 test episodes (Omniglot)."""
+    from fewshot_nsl.engine import LRFactor
+
+    config = load_config(path)
+    episodes, train = config["episodes"], config["train"]
+    way = {"miniimagenet_1shot": 30, "miniimagenet_5shot": 20}.get(
+        path.stem.split("_", 2)[2][:-10], 60
+    )
+    assert (episodes["way"], episodes["test_way"], episodes["test_query"]) == (way, 5, 15)
+    assert (episodes["val_episodes"], episodes["val_query"], train["val_every"]) == (100, 15, 100)
+    assert (train["select_by"], train["patience"], train["lr"]) == ("val_loss", 200, 1e-3)
+    assert config["learner"] == {
+        "name": "protonet",
+        "embed_together": True,
+        "similarity_penalty": 0.0,
+    }
+    factor = LRFactor(
+        train["lr_schedule"], train["steps"], train["lr_milestones"], train["lr_gamma"]
+    )
+    for epoch in (0, 19, 20, 39, 40, 999):
+        assert factor(100 * epoch) == 0.5 ** (epoch // 20)
+    assert config["reference"]["protocol"]["test_way"] == 5
+    assert config["reference"]["protocol"]["test_tasks"] == episodes["test_episodes"]
+    assert "omniglot" not in path.stem or episodes["test_episodes"] == 1000
+    assert not any("BLOCKING" in line for line in config["reference"]["deviations"])

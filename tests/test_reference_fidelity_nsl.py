@@ -193,7 +193,7 @@ def test_cifar_static_diagonal_has_no_penalty_as_the_authors(dataset):
     config = load_supervised_config(CONFIGS / f"{dataset}_cnn9_static_diagonal.yaml")
     assert config["model"]["conv"]["similarity"] == "diagonal"
     model = randomised_model(config)
-    assert float(config_penalty(config, model)) == 0.0
+    assert float(config_penalty(config, model).detach()) == 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,3 +262,66 @@ def test_cnn9_authors_batch_norm_and_he_normal_init():
         assert conv.bias is None or not conv.bias.any()
     with pytest.raises(ValueError, match="cnn9 option 'init'"):
         build_backbone("cnn9", in_channels=3, init="xavier")
+
+
+# --------------------------------------------------------------------------------------------
+# The CIFAR configs: the authors' input pipeline reachable from the config, a reference block
+# --------------------------------------------------------------------------------------------
+def test_config_crop_padding_reaches_the_training_transform():
+    """A constant image stays constant under a symmetric-padded crop, not a zero-padded one."""
+    from episodes.transforms import Normalize
+    from fewshot_nsl.supervised.train import train_transform
+
+    images = torch.ones(8, 3, 8, 8)
+    outs = {}
+    for mode in ("zeros", "symmetric"):
+        transform = train_transform((3, 8, 8), True, Normalize((0.0,) * 3, (1.0,) * 3), mode)
+        outs[mode] = transform(images, torch.Generator().manual_seed(1))
+    assert (outs["symmetric"] == 1).all() and (outs["zeros"] == 0).any()
+
+
+def test_config_raw_pixels_fill_mean_zero_std_one_over_255():
+    from fewshot_nsl.supervised.data import load_synthetic
+    from fewshot_nsl.supervised.train import record_data_properties
+
+    data = load_synthetic(num_classes=2, train_per_class=2, test_per_class=1, image_size=8)
+    raw, standard = {"input_scale": "raw_pixels"}, {"input_scale": "standardized"}
+    record_data_properties(raw, data)
+    record_data_properties(standard, data)
+    assert raw["mean"] == [0.0] * 3 and raw["std"] == [1.0 / 255.0] * 3
+    assert standard["mean"] == list(data.mean) and standard["std"] == list(data.std)
+
+
+SUPERVISED_CONFIGS = sorted(
+    [*CONFIGS.glob("cifar*.yaml"), CONFIGS / "supervised_quickstart.yaml"], key=str
+)
+
+
+@pytest.mark.parametrize("path", SUPERVISED_CONFIGS, ids=lambda p: p.stem)
+def test_every_supervised_config_says_what_it_reproduces(path):
+    config = load_supervised_config(path)
+    reference = config["reference"]
+    assert set(reference) == {"paper", "code", "reproduces", "published", "protocol", "deviations"}
+    assert isinstance(reference["deviations"], list) and reference["reproduces"]
+    data, conv = config["data"], config["model"]["conv"]
+    authors = "cnn9" in path.stem and path.stem.startswith("cifar")
+    if authors:  # the authors' CNN-9 pipeline
+        assert (data["crop_padding"], data["input_scale"]) == ("symmetric", "raw_pixels")
+        options = config["model"]["backbone_options"]
+        assert (options["batch_norm_eps"], options["batch_norm_momentum"]) == (1e-3, 1e-3)
+        assert options["init"] == "he_normal"
+        assert conv["kind"] != "dynamic" or conv["predictor_style"] == "authors"
+        full_static = conv["kind"] == "static" and conv["similarity"] == "full"
+        train = config["train"]
+        assert train["similarity_penalty"] == (2.5e-3 if full_static else 0.0)
+        assert train["penalty_target"] == "zero"
+    else:
+        assert (data["crop_padding"], data["input_scale"]) == ("zeros", "standardized")
+        assert any("not" in line for line in reference["deviations"])
+
+
+def test_static_diagonal_cifar_configs_exist():
+    for dataset in ("cifar10", "cifar100"):
+        config = load_supervised_config(CONFIGS / f"{dataset}_cnn9_static_diagonal.yaml")
+        assert config["model"]["conv"]["similarity"] == "diagonal"
+        assert "static_dns" in config["reference"]["code"]

@@ -25,7 +25,9 @@ import episodes.fileio as fileio
 from episodes.fileio import (
     ContentMismatch,
     StorageError,
+    atomic_folder,
     atomic_write,
+    check_writable,
     cleanup_stale_temp,
     content_hashes,
     full_content_hash,
@@ -441,3 +443,43 @@ def test_verify_content_against_stored_hashes(tmp_path: Path) -> None:
         verify_content(one_row, stored, "cache", full=True)  # ...the full one does
     with pytest.raises(ContentMismatch, match="no full content hash stored"):
         verify_content(images, content_hashes(images, full=False), "cache", full=True)
+
+
+def test_atomic_folder_is_whole_or_absent_and_its_stale_temp_is_cleaned(tmp_path: Path) -> None:
+    """A temp folder of a live writer is kept whatever its age; one nobody holds is removed."""
+    out = tmp_path / "cache"
+    with atomic_folder(out) as temp:
+        atomic_write(temp / "a.npy", lambda handle: handle.write(b"a"))
+        assert is_temp_file(temp) and not out.exists()
+        assert cleanup_stale_temp(tmp_path, min_age_s=0.0) == []  # its writer holds the lock
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy"]  # the lock file is gone too
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_folder(out):
+            pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_folder(out, overwrite=True) as temp:
+            atomic_write(temp / "b.npy", lambda handle: handle.write(b"b"))
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # the old one, untouched
+    with atomic_folder(out, overwrite=True) as temp:
+        atomic_write(temp / "b.npy", lambda handle: handle.write(b"b"))
+    assert sorted(p.name for p in out.iterdir()) == ["b.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    orphan = tmp_path / ".cache.99999.0123abcd.fsnl.tmp"  # killed before it took its lock
+    (orphan / "part").mkdir(parents=True)
+    (tmp_path / ".y.tmp").mkdir()  # another program's temp folder
+    assert cleanup_stale_temp(tmp_path, min_age_s=0.0) == [orphan]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".y.tmp", "cache"]
+
+
+def test_check_writable_names_the_folder(tmp_path: Path, monkeypatch) -> None:
+    assert check_writable(tmp_path / "new") == tmp_path / "new"
+    assert list((tmp_path / "new").iterdir()) == []  # the probe is removed
+
+    def read_only(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(StorageError) as caught:
+        check_writable(tmp_path)
+    assert str(caught.value) == f"cannot write in {tmp_path}: read-only file system"

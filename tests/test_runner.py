@@ -286,7 +286,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
 
 def test_meta_gradient_is_the_mean_of_the_task_gradients(tmp_path: Path) -> None:
     """The accumulation the all-reduce seam relies on: Σ_i ∇loss_i / T = ∇ mean loss."""
-    trainer = MetaTrainer(tiny_config("train.lr=0"), tmp_path, quiet=True)
+    trainer = MetaTrainer(tiny_config(), tmp_path, quiet=True)
     trainer.setup()
     learner = trainer.learner
     expected = {name: torch.zeros_like(p) for name, p in learner.named_parameters()}

@@ -9,13 +9,19 @@ from pathlib import Path
 
 from episodes.datasets.cache import is_cache, load_cache, write_cache
 from episodes.datasets.registry import SPLITS, canonical_split_name, dataset_entry
+from episodes.fileio import check_writable
 from episodes.split import ImageSplit, channel_mean_std, content_fingerprint
 
 __all__ = ["build_split", "prepare_dataset", "prepare_mini_imagenet"]
 
 
 def build_split(
-    name: str, split: str, root: str | os.PathLike | None = None, **options
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    *,
+    verify: str = "sampled",
+    **options,
 ) -> ImageSplit:
     """One split of dataset ``name`` (see :func:`~episodes.list_datasets`).
 
@@ -26,19 +32,24 @@ def build_split(
       decoded on the fly (options as for :func:`prepare_dataset`; ``strict`` defaults to False
       here). The split's ``mean``/``std`` are always the train split's.
 
-    ``normalize="mean_std" | "unit"`` (any dataset, also a cache) sets how the default
-    transform scales pixels (:attr:`~episodes.ImageSplit.normalization`); the data and its
-    fingerprint do not change.
+    ``normalize="mean_std" | "unit" | "unit_inverted"`` (any dataset, also a cache) sets how
+    the default transform scales pixels (:attr:`~episodes.ImageSplit.normalization`); the
+    data and its fingerprint do not change.
+
+    ``verify="sampled" | "full"``: how much of a cache's images is checked against the content
+    hashes stored in its ``index.json`` (:func:`~episodes.datasets.cache.load_cache`; a
+    difference raises :class:`~episodes.fileio.ContentMismatch`). Source files and generated
+    data have no stored hashes: nothing to check.
     """
     normalize = options.pop("normalize", "mean_std")
-    split_data = _build_split(name, split, root, options)
+    split_data = _build_split(name, split, root, options, verify)
     if normalize != "mean_std":
         split_data = dataclasses.replace(split_data, normalize=normalize)
     return split_data
 
 
 def _build_split(
-    name: str, split: str, root: str | os.PathLike | None, options: dict
+    name: str, split: str, root: str | os.PathLike | None, options: dict, verify: str
 ) -> ImageSplit:
     entry = dataset_entry(name)
     split = canonical_split_name(split)
@@ -58,7 +69,7 @@ def _build_split(
                 f"{root} is a prepared cache: options {sorted(options)} apply when preparing "
                 "it (prepare_dataset), only mmap= applies when reading it"
             )
-        return load_cache(root, split, mmap=mmap, expect_dataset=name)
+        return load_cache(root, split, mmap=mmap, expect_dataset=name, verify=verify)
     if not root.exists():
         raise FileNotFoundError(f"dataset root not found: {root}")
     options = {"strict": False, **options}
@@ -104,6 +115,7 @@ def prepare_dataset(
         raise FileNotFoundError(f"{name} source not found: {source}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    check_writable(out.parent)  # before decoding every image, not after
     splits = {split: entry.loader(source, split, options).canonical() for split in SPLITS}
     problems = entry.checker(splits) if (strict and entry.checker) else []
     shapes = {split: raw.images.shape[1:] for split, raw in splits.items()}

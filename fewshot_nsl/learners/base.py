@@ -23,6 +23,10 @@ class Learner(nn.Module, ABC):
     MAML, prototypes for ProtoNet) and is opaque to the runner.
     """
 
+    #: Whether :meth:`adapt` accepts episodes of any way, not only the meta-training way (no
+    #: way-sized parameter): then ``episodes.test_way`` may differ from ``episodes.way``.
+    any_way: bool = False
+
     @abstractmethod
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int) -> Any:
         """Adapt to a labelled support set; return the task state."""

@@ -47,6 +47,8 @@ class ProtoNet(Learner):
     #: BatchNorm follows the module's train/eval mode (batch statistics and running-average
     #: updates in meta-training, running statistics in evaluation); stamped into results.
     bn = "module"
+    #: No way-sized parameter: tests at any way (``episodes.test_way``).
+    any_way = True
 
     def __init__(
         self,

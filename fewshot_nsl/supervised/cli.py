@@ -8,30 +8,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from fewshot_nsl.config import dump_config
+from pathlib import Path
 
 
 def _train_supervised(args: argparse.Namespace) -> int:
+    from fewshot_nsl.config import ConfigError
+    from fewshot_nsl.engine import TrainingInterrupted
     from fewshot_nsl.supervised.config import load_supervised_config
     from fewshot_nsl.supervised.run import format_results, run_dir_for, run_supervised
 
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts a fresh run; it cannot be used with --resume")
     config = load_supervised_config(args.config, args.overrides)
-    out_dir = args.resume or args.out or run_dir_for(config)
-    if not args.quiet:
-        print(dump_config(config), end="", file=sys.stderr)
-    results = run_supervised(
-        config, out_dir=out_dir, resume=args.resume is not None, progress=not args.quiet
-    )
+    out_dir = Path(args.resume or args.out or run_dir_for(config))
+    try:
+        results = run_supervised(
+            config,
+            out_dir=out_dir,
+            resume=args.resume is not None,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except TrainingInterrupted as stop:
+        where = out_dir.resolve()
+        stop.resume_command = (
+            f"fewshot-nsl train-supervised --config {where / 'config.yaml'} --resume {where}"
+        )
+        raise
     print(format_results(results))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from fewshot_nsl.cli import checkpoint_argument
     from fewshot_nsl.supervised.export import export_model
 
-    path = export_model(args.checkpoint, args.out, fold=args.fold)
+    checkpoint = checkpoint_argument(args.checkpoint)
+    path = export_model(checkpoint, args.out, fold=args.fold, overwrite=args.overwrite)
     print(json.dumps({"exported": str(path), "folded": args.fold}))
     return 0
 
@@ -58,7 +71,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "--out", help="run directory (default: train.out_dir or runs/supervised/NAME)"
     )
     where.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
-    train.add_argument("--quiet", action="store_true", help="no config dump, no progress bar")
+    train.add_argument(
+        "--quiet", action="store_true", help="print only errors, one line per run and the results"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the run already in the run directory (whole) and start a fresh one",
+    )
     train.set_defaults(handler=_train_supervised)
 
     export = subparsers.add_parser(
@@ -68,8 +88,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "torch.export.load(FILE).module(), no fewshot_nsl needed) taking float images in "
         "[0, 1] and returning logits.",
     )
-    export.add_argument("--checkpoint", required=True, help="last.pt of a train-supervised run")
+    export.add_argument(
+        "--checkpoint",
+        required=True,
+        help="last.pt of a train-supervised run, or its run directory",
+    )
     export.add_argument("--out", required=True, help="file to write, e.g. model.pt2")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.add_argument(
         "--fold",
         action="store_true",

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
+from episodes.fileio import check_writable
+from fewshot_nsl.checkpoint import load_checkpoint, load_model_state, require_kind
 from fewshot_nsl.nn import DynamicNSLConv2d, fold_model
 from fewshot_nsl.runlog import atomic_write
 from fewshot_nsl.supervised.model import model_from_config
@@ -57,9 +58,11 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any
 
     Raises:
         FileNotFoundError: no file at ``checkpoint``.
-        ValueError: not a fewshot-nsl checkpoint, or one of a few-shot (not supervised) run.
+        ValueError: not a fewshot-nsl checkpoint (truncated, damaged, garbage), or one of a
+            few-shot (not supervised) run.
     """
     payload = load_checkpoint(checkpoint)
+    require_kind(payload, "supervised", checkpoint)
     config = payload["config"]
     data = config.get("data", {}) if isinstance(config, Mapping) else {}
     missing = [
@@ -75,16 +78,27 @@ def load_trained_model(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any
     return model.eval(), config
 
 
-def export_model(checkpoint: str | Path, out: str | Path, *, fold: bool = False) -> Path:
+def export_model(
+    checkpoint: str | Path, out: str | Path, *, fold: bool = False, overwrite: bool = False
+) -> Path:
     """Write the classifier of ``checkpoint`` as an exported program to ``out``; returns it.
 
     Args:
         checkpoint: a checkpoint written by ``fewshot-nsl train-supervised``.
-        out: the ``.pt2`` file to write (parent folders are created).
+        out: the ``.pt2`` file to write (parent folders are created; written atomically with
+            the user's umask). An existing file is replaced only with ``overwrite``
+            (``FileExistsError`` otherwise, before any work); an unwritable folder raises
+            :class:`~episodes.fileio.StorageError` before the export too.
         fold: fold static NSL layers into plain convolutions (``--fold``): the file is then a
             plain CNN. A network with dynamic NSL layers or ``normalize="sphere"`` cannot be
             folded and raises ``ValueError``; without ``fold`` every layer is exported as is.
     """
+    out = Path(out)
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a folder; give the file to write, e.g. {out}/model.pt2")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (--overwrite replaces it)")
+    check_writable(out.parent)
     model, config = load_trained_model(checkpoint)
     data = config["data"]
     if fold:

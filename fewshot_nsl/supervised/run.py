@@ -32,6 +32,7 @@ def run_supervised(
     *,
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     data: ClassificationData | None = None,
     log: Callable[[str], None] | None = None,
@@ -43,12 +44,14 @@ def run_supervised(
         resume: continue from ``last.pt`` of the run directory if there is one; the continued
             run is the same as an uninterrupted one (batches and augmentation are functions
             of the iteration).
+        overwrite: remove the run already in ``out_dir`` (whole) and start a fresh one
+            (without it, a fresh run into a directory holding a run is refused).
         progress: a tqdm bar when stderr is a terminal, else one line per log record.
         data: preloaded data (else loaded from ``config["data"]``).
         log: where one-line messages go (default: stderr).
     """
     trainer = SupervisedTrainer(config, out_dir, data=data, quiet=not progress, log=log)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, overwrite=overwrite)
 
 
 def format_results(results: Mapping[str, Any]) -> str:
