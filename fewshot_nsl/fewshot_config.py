@@ -165,6 +165,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         # best (null: never; jakesnell/prototypical-networks: patience 200, `wait > patience`).
         "patience": Field(None, types=(int, None), check=non_negative_int),
         "meta_batch": Field("sequential", choices=META_BATCH_MODES),
+        "compile": False,
         "val_every": Field(1000, check=non_negative_int),
         "checkpoint_every": Field(1000, check=non_negative_int),
         "log_every": Field(50, check=positive_int),

@@ -5,7 +5,9 @@ with 95% CIs. :class:`MetaTrainer` supplies the engine (:mod:`fewshot_nsl.engine
    given, a check that it fits (:meth:`MetaTrainer.prepare`);
 2. the learner (``fewshot_nsl.learners.build_learner``), Adam, and the ``train.lr_schedule``;
 3. the step: outer step ``s`` uses the meta-batch ``TaskBatcher.batch(s)``
-   (:meth:`MetaTrainer.gradient_step`);
+   (:meth:`MetaTrainer.gradient_step`): its tasks one by one (``train.meta_batch:
+   sequential``, the reference; ``train.compile`` runs each through ``torch.compile``) or
+   together (``vectorised``, ``Learner.meta_loss_batch``);
 4. the evaluation: every ``train.val_every`` steps, the FIXED validation episodes
    (``episodes.eval_seed``); the engine keeps the best weights in ``best.pt``;
 5. the results: the best weights tested on frozen test episodes for every
@@ -37,6 +39,8 @@ Distributed seam (torch.distributed is added on top of this, in
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from episodes import EpisodeSampler, ImageSplit, TaskBatcher, build_split
+from episodes import Episode, EpisodeSampler, ImageSplit, TaskBatcher, build_split
 from episodes.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
 from fewshot_nsl.checkpoint import load_checkpoint, load_model_state
 from fewshot_nsl.config import ConfigError
@@ -84,6 +88,7 @@ RESUMABLE_CHANGES = (
     "train.device",
     "train.threads",
     "train.meta_batch",
+    "train.compile",
     "train.out_dir",
     "episodes.test_episodes",
     "episodes.test_shots",
@@ -204,6 +209,7 @@ class MetaTrainer(Engine):
         #: :meth:`test` evaluated, read from the checkpoint it loaded.
         self.tested: dict[str, Any] = {}
         self.val_sampler: EpisodeSampler | None = None
+        self.compiled_meta_loss: Callable | None = None  # train.compile: see task_backward
 
     default_out_dir = staticmethod(run_dir_for)
 
@@ -326,9 +332,8 @@ class MetaTrainer(Engine):
                 float(accuracy) * len(tasks),
             )
         else:
-            for episode in tasks:
-                loss, accuracy = self.learner.meta_loss(sampler.to_device(episode, self.device))
-                (loss * scale).backward()  # one graph alive at a time: memory of a single task
+            for episode in tasks:  # one graph alive at a time: memory of a single task
+                loss, accuracy = self.task_backward(sampler.to_device(episode, self.device), scale)
                 total_loss += float(loss.detach())
                 total_accuracy += float(accuracy)
         self.reduce_gradients()
@@ -339,6 +344,56 @@ class MetaTrainer(Engine):
             else:
                 torch.nn.utils.clip_grad_norm_(self.learner.parameters(), grad_clip)
         return {"loss": total_loss / len(tasks), "accuracy": total_accuracy / len(tasks)}
+
+    def task_backward(self, episode: Episode, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``learner.meta_loss(episode)``, its loss times ``scale`` back-propagated; returns
+        (loss, accuracy). With ``train.compile`` the meta-loss runs through ``torch.compile``.
+
+        The first compiled call (forward and backward) is timed, compilation included, and
+        logged as event ``compile``. Where it fails (e.g. second-order MAML: aot_autograd has
+        no double backward in torch 2.13, raised in the backward), the run continues eagerly
+        after one warning: that first call is the first task of a step, whose gradients
+        ``step_once`` set to None, so setting them to None again discards exactly the failed
+        attempt's partial gradients; its buffers and CPU random state are restored too, so the
+        eager run that follows is the plain eager run."""
+        assert self.learner is not None
+        if not self.config["train"]["compile"] or self.compiled_meta_loss is not None:
+            meta_loss = self.compiled_meta_loss or self.learner.meta_loss
+            loss, accuracy = meta_loss(episode)
+            (loss * scale).backward()
+            return loss, accuracy
+        compiled = torch.compile(self.learner.meta_loss)
+        # what a failed attempt may have changed before failing: running BatchNorm buffers
+        # (bn: running), random draws (dropout)
+        buffers = {name: b.detach().clone() for name, b in self.learner.named_buffers()}
+        rng_state = torch.get_rng_state()
+        started = time.perf_counter()
+        try:
+            loss, accuracy = compiled(episode)
+            (loss * scale).backward()
+        except Exception as error:  # any compiler failure: train eagerly
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            warnings.warn(
+                f"train.compile: torch.compile failed ({type(error).__name__}: {message}); "
+                "training eagerly",
+                stacklevel=2,
+            )
+            for parameter in self.learner.parameters():
+                parameter.grad = None
+            with torch.no_grad():
+                for name, buffer in self.learner.named_buffers():
+                    buffer.copy_(buffers[name])
+            torch.set_rng_state(rng_state)
+            self.compiled_meta_loss = self.learner.meta_loss
+            return self.task_backward(episode, scale)
+        self.compiled_meta_loss = compiled
+        seconds = time.perf_counter() - started
+        self.log_event("compile", self.step, seconds=seconds)
+        self.say(
+            f"[{self.config['name']}] train.compile: first task (forward and backward) took "
+            f"{seconds:.1f} s, compilation included"
+        )
+        return loss, accuracy
 
     def meta_step(self, step: int) -> tuple[float, float]:
         """One outer step (optimiser and schedule included) on meta-batch ``step``; returns the

@@ -14,8 +14,8 @@ step, run as the training loop runs it with ``train.meta_batch: sequential`` (on
 one ``torch.func.vmap``), at 28×28 and 84×84, T = 2, 4, 8, 32, with 1 and 2 intra-op
 threads. Speed-up = sequential time / vectorised time, paired per round. Peak memory of one
 untimed meta-step (the first of a fresh process) beyond what was allocated before it: on a
-GPU ``torch.cuda.max_memory_allocated``; on a CPU the peak resident set (``ru_maxrss``) over
-the resident set before the step.
+GPU ``torch.cuda.max_memory_allocated``; on a CPU the peak resident set (``VmHWM``) over the
+resident set before the step.
 
 Method (``benchtools``): wall-clock time; the variants of a row run in interleaved rounds,
 the order rotated every round; median [min-max] over rounds; the 1-minute load average is
@@ -31,9 +31,7 @@ printed before and after, and a run on a machine loaded beyond its core count is
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -158,7 +156,7 @@ def memory_probe(
     size: int, tasks: int, inner_steps: int, vectorised: bool, threads: int, device: torch.device
 ) -> int:
     """On a GPU, ``torch.cuda.max_memory_allocated`` growth over one step; on a CPU the
-    process's peak resident set (``ru_maxrss``) over its resident set before the step."""
+    process's peak resident set (``VmHWM``) over its resident set before the step."""
     torch.set_num_threads(threads)
     episodes = make_episodes(tasks, WAY, SHOT, QUERY, size, device)
     learner = build({"name": "maml"}, None, False, size, inner_steps, WAY, device)
@@ -170,10 +168,20 @@ def memory_probe(
         batch_step(learner, optimizer, episodes, vectorised)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with open("/proc/self/statm") as handle:
-        base = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    base = _status_bytes("VmRSS")
     batch_step(learner, optimizer, episodes, vectorised)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _status_bytes("VmHWM") - base
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` in bytes. ``VmHWM`` (peak resident set) starts
+    afresh with the process image, unlike ``ru_maxrss``, which keeps the peak of the process
+    that forked it."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def profile(

@@ -1,17 +1,23 @@
 """Forward+backward time of each bilinear_conv2d path relative to F.conv2d (same shapes).
 
-CPU (default): batch 32, 64->64 channels, 3x3, 21x21 and 84x84 inputs. GPU (``--device
+CPU (default): batch 32, 64->64 channels, 3x3, 21x21 and 84x84 inputs, plus the per-location
+rows at the Conv-4 shapes of an 84x84 5-way episode (``--location-shapes``). GPU (``--device
 cuda``): the Conv-4 and ResNet-12 layer shapes at batch 80 and 256, adding the CUDA kernel
 (forced through ``FEWSHOT_NSL_BACKEND``) next to the torch fast path and the reference.
 
-Timing: every round runs each row once, interleaved, so background load hits all rows alike;
-the reported time is the minimum over rounds (``--stat median`` for the median). Ratios are
-to the plain ``F.conv2d`` row measured in the same rounds. Each timed run is preceded by one
-untimed run of the same row, so a row does not pay for the memory the previous row (e.g. the
-reference) handed back to the OS. GPU rows are timed with CUDA events after a synchronize.
+Per-location rows: the dispatched torch path (row bands for large diagonal maps,
+``torch_paths.location_tile_rows``), and each formulation forced: the whole map at once
+("untiled") and row bands ("tiled", the dispatcher's band size, else 4 rows).
+
+Method (``benchtools``): wall-clock time; every round runs each row once, interleaved with
+the order rotated, after one warm-up call per row; the table gives the median [min-max] time
+over rounds and the median [min-max] of the per-round paired ratio to the plain ``F.conv2d``
+row. The 1-minute load average is printed before and after; a run on a machine loaded beyond
+its core count is refused (``--allow-loaded`` runs it, every figure flagged). GPU rows are
+synchronised before and after each call.
 
     python scripts/bench_ops.py               # CPU table
-    python scripts/bench_ops.py --quick       # fewer rounds, 21x21 only
+    python scripts/bench_ops.py --quick       # 2 rounds, 21x21 and the 42x42 location shape
     python scripts/bench_ops.py --device cuda # GPU presets
 """
 
@@ -20,19 +26,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from benchtools import interleaved_seconds, load_guard, load_report, median_range, paired_ratios
 
 from fewshot_nsl.ops import BACKEND_ENV, ConvGeometry, backend, bilinear_conv2d, effective_weight
 from fewshot_nsl.ops.torch_paths import (
     _location_tiled_torch,
+    _location_torch,
     _sample_grouped_torch,
     _sample_unfold_torch,
+    location_tile_rows,
 )
 
 # (label, in_channels, out_channels, spatial size) per GPU preset.
@@ -50,6 +58,13 @@ GPU_PRESETS: dict[str, list[tuple[str, int, int, int]]] = {
         ("resnet12.4", 640, 640, 10),
     ],
 }
+#: CPU per-location shapes (label, batch, in, out, size): the Conv-4-32 layers of an 84x84
+#: 5-way 1-shot episode with 15 queries (80 images) whose tap stack is largest.
+LOCATION_SHAPES: list[tuple[str, int, int, int, int]] = [
+    ("conv4.1 (84x84 episode)", 80, 3, 32, 84),
+    ("conv4.2 (84x84 episode)", 80, 32, 32, 42),
+    ("conv4.3 (84x84 episode)", 80, 32, 32, 21),
+]
 
 
 @dataclass
@@ -67,6 +82,7 @@ def make_rows(
     device: torch.device,
     with_cuda: bool,
     with_reference: bool,
+    location_only: bool = False,
 ) -> list[Row]:
     """The benchmark rows for one layer shape; each ``run`` does forward + backward."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -110,10 +126,16 @@ def make_rows(
 
         return run
 
-    def location_tiled(M: torch.Tensor, diagonal: bool) -> Callable[[], None]:
-        # The row-band candidate of issue 14 (not dispatched): unfold/mix/contract per band.
+    def location_forced(M: torch.Tensor, diagonal: bool, tiled: bool) -> Callable[[], None]:
+        # One per-location formulation forced, whatever location_tile_rows would pick.
+        rows = location_tile_rows(x, weight, (size, size), diagonal) or 4
+
         def run() -> None:
-            _location_tiled_torch(x, weight, M, geometry, diagonal).backward(grad_out)
+            if tiled:
+                out = _location_tiled_torch(x, weight, M, geometry, diagonal, rows)
+            else:
+                out = _location_torch(x, weight, M, geometry, diagonal)
+            out.backward(grad_out)
 
         return run
 
@@ -133,9 +155,14 @@ def make_rows(
         Row("  forced: unfold + 1x1 conv", sample_path(_sample_unfold_torch), "torch"),
         Row("per-location diagonal, torch", op(m_loc_diag, "location", True), "torch"),
         Row("per-location full, torch", op(m_loc_full, "location", False), "torch"),
-        Row("  forced: location tiled, diagonal", location_tiled(m_loc_diag, True), "torch"),
-        Row("  forced: location tiled, full", location_tiled(m_loc_full, False), "torch"),
+        Row("  forced: untiled, diagonal", location_forced(m_loc_diag, True, False), "torch"),
+        Row("  forced: tiled, diagonal", location_forced(m_loc_diag, True, True), "torch"),
+        Row("  forced: untiled, full", location_forced(m_loc_full, False, False), "torch"),
+        Row("  forced: tiled, full", location_forced(m_loc_full, False, True), "torch"),
     ]
+    if location_only:
+        keep = ("plain", "per-location", "  forced: untiled", "  forced: tiled")
+        rows = [row for row in rows if row.name.startswith(keep)]
     if with_cuda:
         rows += [
             Row("per-sample full, cuda", op(m_sample, "sample", False), "cuda"),
@@ -149,34 +176,35 @@ def make_rows(
     return rows
 
 
-def time_once(row: Row, device: torch.device, clock: str = "wall") -> float:
-    os.environ[BACKEND_ENV] = row.env
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        row.run()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000.0
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    begin = timer()
-    row.run()
-    return timer() - begin
+def bench(rows: list[Row], device: torch.device, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds per round of every row (``benchtools.interleaved_seconds``)."""
+
+    def with_backend(row: Row) -> Callable[[], None]:
+        def run() -> None:
+            os.environ[BACKEND_ENV] = row.env
+            row.run()
+
+        return run
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return interleaved_seconds({row.name: with_backend(row) for row in rows}, rounds, sync=sync)
 
 
-def bench(
-    rows: list[Row], device: torch.device, rounds: int, stat: str, clock: str
-) -> dict[str, float]:
-    for row in rows:  # warm-up (also lets the CUDA extension load/compile)
-        time_once(row, device)
-    samples: dict[str, list[float]] = {row.name: [] for row in rows}
-    for _ in range(rounds):
-        for row in rows:
-            time_once(row, device)  # untimed: re-fault this row's buffers after the last row
-            samples[row.name].append(time_once(row, device, clock))
-    reduce = min if stat == "min" else statistics.median
-    return {name: reduce(values) for name, values in samples.items()}
+def print_table(title: str, rows: list[Row], seconds: dict[str, list[float]]) -> None:
+    base = seconds[rows[0].name]
+    print(f"\n{title}")
+    print(
+        f"| {'path':<34} | {'ms, median [min-max]':>24} "
+        f"| {'x conv (paired), median [min-max]':>34} |"
+    )
+    print(f"|{'-' * 36}|{'-' * 26}:|{'-' * 35}:|")
+    for row in rows:
+        milliseconds = [1000 * t for t in seconds[row.name]]
+        ratio = median_range(paired_ratios(seconds[row.name], base))
+        print(f"| {row.name:<34} | {median_range(milliseconds):>24} | {ratio:>34} |")
 
 
 def main() -> None:
@@ -187,24 +215,31 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[21, 84], help="CPU sizes")
     parser.add_argument("--presets", nargs="+", default=list(GPU_PRESETS), choices=GPU_PRESETS)
     parser.add_argument("--rounds", type=int, help="timed rounds (CPU 5, GPU 20)")
-    parser.add_argument("--stat", choices=["min", "median"], default="min")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
     parser.add_argument(
-        "--clock",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="CPU only: 'cpu' times process CPU time (use with --threads 1): on a machine "
-        "shared with other jobs it ignores time-slicing, which wall time does not",
+        "--no-location-shapes",
+        action="store_true",
+        help="CPU: skip the per-location rows at the Conv-4 episode shapes",
+    )
+    parser.add_argument(
+        "--allow-loaded",
+        action="store_true",
+        help="run even when the 1-minute load exceeds the core count (figures flagged)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--quick", action="store_true", help="2 rounds, CPU 21x21 only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 rounds, CPU 21x21 and the 42x42 per-location episode shape only, no reference",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = "wall" if on_gpu else args.clock
+    load, cores = load_guard(args.allow_loaded)
+    start = time.perf_counter()
     rounds = args.rounds or (2 if args.quick else (20 if on_gpu else 5))
     if on_gpu:
         batches = args.batch or [80, 256]
@@ -221,22 +256,28 @@ def main() -> None:
     with_cuda = on_gpu and backend(device) == "cuda"
     print(
         f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"rounds {rounds} ({args.stat}, {clock} time), auto backend: {backend(device)}"
+        f"{rounds} interleaved rounds (+1 warm-up), wall-clock time, auto backend: "
+        f"{backend(device)}"
     )
     if on_gpu and not with_cuda:
         print("CUDA extension unavailable: CUDA rows skipped")
 
+    with_reference = not (args.no_reference or args.quick)
     for batch in batches:
         for label, cin, cout, size in shapes:
-            rows = make_rows(batch, cin, cout, size, device, with_cuda, not args.no_reference)
-            times = bench(rows, device, rounds, args.stat, clock)
-            base = times[rows[0].name]
-            print(f"\n{label}: batch {batch}, {cin}->{cout}, 3x3, {size}x{size}, forward+backward")
-            print(f"| {'path':<34} | {'ms':>9} | {'x conv':>7} |")
-            print(f"|{'-' * 36}|{'-' * 11}|{'-' * 9}|")
-            for row in rows:
-                t = times[row.name]
-                print(f"| {row.name:<34} | {1000 * t:9.2f} | {t / base:7.2f} |")
+            rows = make_rows(batch, cin, cout, size, device, with_cuda, with_reference)
+            seconds = bench(rows, device, rounds)
+            title = f"{label}: batch {batch}, {cin}->{cout}, 3x3, {size}x{size}, forward+backward"
+            print_table(title, rows, seconds)
+    if not on_gpu and not args.no_location_shapes:
+        location_shapes = LOCATION_SHAPES[1:2] if args.quick else LOCATION_SHAPES
+        for label, batch, cin, cout, size in location_shapes:
+            rows = make_rows(batch, cin, cout, size, device, False, False, location_only=True)
+            seconds = bench(rows, device, rounds)
+            title = f"{label}: batch {batch}, {cin}->{cout}, 3x3, {size}x{size}, forward+backward"
+            print_table(title, rows, seconds)
+    print(f"\nwall-clock time of the measurements: {time.perf_counter() - start:.1f} s")
+    load_report(load, cores)
     os.environ.pop(BACKEND_ENV, None)
 
 

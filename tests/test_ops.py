@@ -389,3 +389,52 @@ def test_location_tiled_gradcheck(diagonal):
         return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
 
     assert torch.autograd.gradcheck(op, (x, weight, M))
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_location_tiled_second_derivatives(diagonal):
+    """Second-order MAML differentiates the dispatched op twice: gradgradcheck."""
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 2, 4, 3, dtype=DTYPE, generator=gen, requires_grad=True)
+    weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
+    geom = ConvGeometry((1, 1), (1, 0), (1, 1))
+    M = random_m("location", diagonal, 2, 2, 4, (5, 2), gen).requires_grad_()
+
+    def op(x, weight, M):
+        return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
+
+    assert torch.autograd.gradgradcheck(op, (x, weight, M))
+
+
+def test_location_tile_rows_chooses_bands_for_large_diagonal_maps():
+    x, weight = torch.empty(20, 32, 84, 84), torch.empty(32, 32, 3, 3)
+    # 20 * 32 * 9 * 84 * 4 bytes = 1.9 MiB a row, 162 MiB the map: bands of 16 MiB = 8 rows
+    assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=True) == 8
+    assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=False) is None
+    assert torch_paths.location_tile_rows(x[:4], weight, (21, 21), diagonal=True) is None
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_dispatched_location_path_matches_reference(monkeypatch, diagonal):
+    """bilinear_conv2d on CPU takes the row bands when the chooser says so (thresholds lowered
+    to this small shape) and stays exact, bias included."""
+    monkeypatch.setattr(torch_paths, "LOCATION_TILE_MIN_BYTES", 0)
+    monkeypatch.setattr(torch_paths, "LOCATION_TILE_BAND_BYTES", 1)
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 7, 6, dtype=DTYPE, generator=gen)
+    weight = torch.randn(5, 4, 3, 3, dtype=DTYPE, generator=gen)
+    bias = torch.randn(5, dtype=DTYPE, generator=gen)
+    M = random_m("location", diagonal, 3, 4, 9, (7, 6), gen)
+    calls = []
+    tiled = torch_paths._location_tiled_torch
+    monkeypatch.setattr(
+        torch_paths,
+        "_location_tiled_torch",
+        lambda *args: calls.append(args[-1]) or tiled(*args),
+    )
+    out = bilinear_conv2d(x, weight, M, bias, 1, 1, granularity="location", diagonal=diagonal)
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1))
+    expected = bilinear_conv2d_reference(x, weight, M, geom, "location", diagonal)
+    torch.testing.assert_close(out, expected + bias.view(1, -1, 1, 1), rtol=1e-10, atol=1e-10)
+    assert calls == ([1] if diagonal else [])  # full form: never tiled

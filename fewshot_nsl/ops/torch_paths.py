@@ -11,7 +11,8 @@ the shapes of ``M`` are in :mod:`fewshot_nsl.ops`.
   (one ``F.conv2d`` grouped over the batch) or, for small output maps, mixes the unfolded taps
   per image and contracts them in one 1x1 convolution (:func:`_sample_prefers_unfold` picks
   by layer shape); ``location`` mixes the unfolded taps per output location and contracts them
-  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order).
+  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order), in row
+  bands for large diagonal maps (:func:`location_tile_rows`).
 * :func:`backward_torch`: ``(grad_x, grad_weight, grad_M)`` of the ``sample``/``location``
   forms by explicit formulas, the same decomposition as the CUDA kernels (the custom op's CPU
   backward, so the CPU tests also check the kernels' algebra).
@@ -146,8 +147,32 @@ def _location_torch(
     return contract_taps(mixed, weight, (h_out, w_out))
 
 
-#: Output rows per tile of :func:`_location_tiled_torch` (issue 14: candidate, unmeasured).
+#: The per-location *diagonal* form runs in row bands (:func:`_location_tiled_torch`) when the
+#: whole map's tap stack ``B * C * HV * L`` would exceed this many bytes: measured (2-core
+#: CPU, under load, docs/benchmarks.md) 0.82-0.86x the whole-map time forward+backward with
+#: a 162 MiB stack (batch 20 at 84x84 and batch 80 at 42x42, 32 channels), mixed to slower
+#: at 40 MiB and below. The full form is not banded: its bands measured mixed (0.75-1.15x).
+LOCATION_TILE_MIN_BYTES = 64 * 2**20
+#: Target bytes of one band's tap stack; its rows = this // bytes of one output row (>= 1).
+#: Bands of 8 rows (15 MiB) measured faster than of 4 or 2 at 84x84.
+LOCATION_TILE_BAND_BYTES = 16 * 2**20
+#: Output rows per band when :func:`_location_tiled_torch` is called without a band size.
 LOCATION_TILE_ROWS = 4
+
+
+def location_tile_rows(
+    x: Tensor, weight: Tensor, out_hw: tuple[int, int], diagonal: bool
+) -> int | None:
+    """Rows per band for the per-location op on this shape, or ``None`` for the whole map
+    at once (:func:`_location_torch`); see :data:`LOCATION_TILE_MIN_BYTES`."""
+    if not diagonal:
+        return None
+    batch, channels = x.shape[:2]
+    taps = weight.shape[2] * weight.shape[3]
+    row_bytes = batch * channels * taps * out_hw[1] * x.element_size()
+    if row_bytes * out_hw[0] <= LOCATION_TILE_MIN_BYTES:
+        return None
+    return max(1, LOCATION_TILE_BAND_BYTES // row_bytes)
 
 
 def _location_tiled_torch(
@@ -158,13 +183,13 @@ def _location_tiled_torch(
     diagonal: bool,
     tile_rows: int = LOCATION_TILE_ROWS,
 ) -> Tensor:
-    """:func:`_location_torch` over bands of ``tile_rows`` output rows (a speed candidate).
+    """:func:`_location_torch` over bands of ``tile_rows`` output rows.
 
     The input is zero-padded once; each band unfolds only the input rows it reads, mixes them
     with its rows of ``M`` and contracts them with ``W`` (one matmul), so the ``C * HV``
     tap stack exists one band at a time (small enough to stay in cache) instead of for the
-    whole map. Same arithmetic as :func:`_location_torch`; not dispatched until timed at low
-    load (``scripts/bench_ops.py`` rows "forced: location tiled").
+    whole map. Same arithmetic as :func:`_location_torch` (other rounding: one matmul per
+    band in place of a 1x1 convolution); dispatched by :func:`location_tile_rows`.
     """
     batch, channels = x.shape[:2]
     out_ch, _, kh, kw = weight.shape
@@ -284,7 +309,11 @@ def bilinear_conv2d_torch(
         return F.conv2d(x, eff, bias, *geometry)
     if granularity == "sample":
         return _sample_torch(x, weight, M, bias, geometry, diagonal)
-    out = _location_torch(x, weight, M, geometry, diagonal)
+    rows = location_tile_rows(x, weight, tuple(M.shape[1:3]), diagonal)
+    if rows is None:
+        out = _location_torch(x, weight, M, geometry, diagonal)
+    else:
+        out = _location_tiled_torch(x, weight, M, geometry, diagonal, rows)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
