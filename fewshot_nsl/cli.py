@@ -266,6 +266,41 @@ def _eval_progress(quiet: bool) -> dict[str, Any]:
     }
 
 
+def _free_file_name(path: Path) -> Path:
+    """``path`` when no such file exists, else the first free of ``STEM-2.SUFFIX``,
+    ``STEM-3.SUFFIX``, ..."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def _eval_json_path(args: argparse.Namespace, checkpoint: Path) -> Path:
+    """Where ``eval`` writes its JSON, never over an earlier file without ``--overwrite``:
+    ``--json FILE`` that exists is refused; the default ``eval_<checkpoint>.json`` next to
+    the checkpoint, when an earlier eval wrote it, becomes ``eval_<checkpoint>-2.json``
+    (``-3``, ...), said on stderr (with ``--quiet`` only by the final ``wrote FILE``)."""
+    if args.json:
+        out = Path(args.json)
+        if out.is_dir():
+            raise FileExistsError(f"--json {out} is a folder; give a file name")
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"--json {out} already exists (--overwrite replaces it)")
+        return out
+    default = checkpoint.with_name(f"eval_{checkpoint.stem}.json")
+    if args.overwrite or not default.exists():
+        return default
+    out = _free_file_name(default)
+    if not args.quiet:
+        print(
+            f"eval: {default} exists (an earlier eval): writing {out} "
+            "(--overwrite replaces the earlier one, --json FILE names another)",
+            file=sys.stderr,
+        )
+    return out
+
+
 def command_eval(args: argparse.Namespace) -> int:
     from episodes.fileio import atomic_write, check_writable
     from fewshot_nsl.engine import resolve_device
@@ -275,9 +310,7 @@ def command_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     path = checkpoint_argument(args.checkpoint)
     path_b = checkpoint_argument(args.compare, "--compare") if args.compare else None
-    out = Path(args.json) if args.json else path.with_name(f"eval_{path.stem}.json")
-    if out.is_dir():
-        raise FileExistsError(f"--json {out} is a folder; give a file name")
+    out = _eval_json_path(args, path)
     try:  # now, not after the evaluation
         check_writable(out.parent)
     except StorageError as error:
@@ -356,6 +389,9 @@ def command_eval(args: argparse.Namespace) -> int:
             payload["paired"][str(shot)] = {"a": name_a, "b": name_b, **difference.as_dict()}
             print(f"  {shot}-shot: {difference.format()} points over {difference.n} episodes")
     text = json.dumps(payload, indent=2).encode()
+    if out.exists() and not args.overwrite:  # written since the start (another eval?)
+        taken, out = out, _free_file_name(out)
+        print(f"eval: {taken} was written meanwhile: writing {out} instead", file=sys.stderr)
     atomic_write(out, lambda handle: handle.write(text))
     print(f"\nwrote {out}")
     return 0
@@ -595,7 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--json",
-        help="where to write the results (default: eval_<checkpoint>.json next to the checkpoint)",
+        help="where to write the results (default: eval_<checkpoint>.json next to the "
+        "checkpoint, eval_<checkpoint>-2.json, ... when an earlier eval wrote it)",
+    )
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --json FILE (or the default eval_<checkpoint>.json)",
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar or lines")

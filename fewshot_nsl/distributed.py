@@ -464,6 +464,12 @@ class DistributedMetaTrainer(MetaTrainer):
             self._stop_signal = signal.SIGTERM
         return count > 0
 
+    @property
+    def stop_test_at_once(self) -> bool:
+        """Alone, like any run; with several ranks the test finishes (every rank leaves its
+        collectives) and the run stops after it, without results."""
+        return not self.context.is_distributed
+
     def reduce_gradients(self) -> None:
         """Sum meta-gradients over ranks; bring BatchNorm buffers back into agreement."""
         assert self.learner is not None and self.buffer_sync is not None

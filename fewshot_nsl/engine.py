@@ -111,12 +111,23 @@ class TrainingDiverged(ValueError):
 
 class TrainingInterrupted(Exception):
     """The run stopped on SIGTERM or Ctrl-C after finishing a step, with ``last.pt``
-    written at ``step`` in ``run_dir``; ``exit_status`` is 128 + the signal number."""
+    written at ``step`` in ``run_dir``; ``exit_status`` is 128 + the signal number.
+    ``in_test``: the signal came during the final test (training over, ``last.pt`` already
+    written), which was abandoned at once, without ``results.json``."""
 
-    def __init__(self, signal_number: int, step: int, run_dir: Path) -> None:
+    def __init__(self, signal_number: int, step: int, run_dir: Path, in_test: bool = False) -> None:
         name = signal.Signals(signal_number).name
-        super().__init__(f"stopped by {name} at step {step}; wrote {run_dir / LAST}")
+        if in_test:  # training was over: last.pt holds the trained weights, no result written
+            message = (
+                f"stopped by {name} during the test after the last step ({step}); "
+                f"{run_dir / LAST} holds the trained weights, no results.json written "
+                "(resuming runs only the test)"
+            )
+        else:
+            message = f"stopped by {name} at step {step}; wrote {run_dir / LAST}"
+        super().__init__(message)
         self.signal_number, self.step, self.run_dir = signal_number, step, run_dir
+        self.in_test = in_test
         #: The command that continues the run (the command line fills it in).
         self.resume_command = f"fewshot-nsl train --resume {run_dir}"
 
@@ -278,6 +289,7 @@ class Engine(ABC):
         self.built = False  # build() done (the command line builds a multi-run's first early)
         self._saved_step: int | None = None  # step of the last.pt on disk (None: none yet)
         self._stop_signal: int | None = None  # set by the SIGTERM/SIGINT handler
+        self._testing = False  # in finish(): training over, last.pt written
 
     # -- what a task supplies ----------------------------------------------------------------
 
@@ -664,27 +676,42 @@ class Engine(ABC):
         every rank agree)."""
         return self._stop_signal is not None
 
-    def _stop_if_asked(self) -> None:
-        """After a finished step: on SIGTERM / Ctrl-C write ``last.pt`` (unless it is of
-        this step already) and raise :class:`TrainingInterrupted`."""
+    def _stop_if_asked(self, in_test: bool = False) -> None:
+        """After a finished step (or the final test, ``in_test``): on SIGTERM / Ctrl-C
+        write ``last.pt`` (unless it is of this step already) and raise
+        :class:`TrainingInterrupted`."""
         if not self.stop_requested():
             return
         if self._saved_step != self.step:
             self.save(LAST)
         raise TrainingInterrupted(
-            self._stop_signal or signal.SIGTERM, self.step, self.out_dir.resolve()
+            self._stop_signal or signal.SIGTERM, self.step, self.out_dir.resolve(), in_test
         )
 
+    @property
+    def stop_test_at_once(self) -> bool:
+        """Whether a SIGTERM / Ctrl-C during the final test stops it at once (from the signal
+        handler). Else the test finishes and the run stops without writing results (the
+        distributed trainer: its ranks must leave the test's collectives together)."""
+        return True
+
     def _handle_stop_signal(self, signal_number: int, frame: Any) -> None:
-        """SIGTERM / first Ctrl-C: stop after the current step. A second Ctrl-C stops at
-        once (``KeyboardInterrupt``), resumable from the last checkpoint."""
+        """SIGTERM / first Ctrl-C: stop after the current step; during the final test, at
+        once (:attr:`stop_test_at_once`). A second Ctrl-C stops at once
+        (``KeyboardInterrupt``), resumable from the last checkpoint."""
         if signal_number == signal.SIGINT and self._stop_signal is not None:
             raise KeyboardInterrupt
         self._stop_signal = signal_number
+        if self._testing and self.stop_test_at_once:
+            # Nothing to finish: last.pt holds the trained weights; the test starts over.
+            raise TrainingInterrupted(
+                signal_number, self.step, self.out_dir.resolve(), in_test=True
+            )
         if self.is_main:
+            after = "the test, writing no results" if self._testing else "this step"
             print(
-                f"\nfewshot-nsl: {signal.Signals(signal_number).name}: stopping after this "
-                "step (Ctrl-C again to stop at once)",
+                f"\nfewshot-nsl: {signal.Signals(signal_number).name}: stopping after {after} "
+                "(Ctrl-C again to stop at once)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -738,7 +765,14 @@ class Engine(ABC):
         try:
             self.setup(resume=resume, overwrite=overwrite)
             self.train()
-            results = self.finish()
+            self._testing = True
+            try:
+                results = self.finish()
+            finally:
+                self._testing = False
+            # A stop asked during a test that was not cut short: no result, the resume
+            # runs the test again.
+            self._stop_if_asked(in_test=True)
             if self.is_main:
                 assert self.run_dir is not None
                 self.run_dir.write_json(RunDir.RESULTS, results)

@@ -231,6 +231,54 @@ def test_concurrent_writer_is_refused_then_sigterm_stops_and_resumes_bit_for_bit
     assert_same_run(out, full)
 
 
+@pytest.mark.slow
+def test_sigterm_during_the_final_test_stops_without_results_and_resume_only_tests(
+    tiny: Path, tmp_path: Path, capsys
+) -> None:
+    """SIGTERM to a real process in its final test (training over, last.pt written at the last
+    step): the test stops at once, exit 143, no results.json, the resume command; the resume
+    runs only the test and gives the uninterrupted run's results and metrics."""
+    out = tmp_path / "run"
+    # A test of many episodes, so the signal lands in it; training is the tiny run's 2 steps.
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "fewshot_nsl.cli", "train", "--config", str(tiny), "--out",
+         str(out), "--quiet", "episodes.test_episodes=100000"],
+        env=subprocess_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pt").is_file() or load_checkpoint(out / "last.pt")["step"] != 2:
+            assert writer.poll() is None, writer.stderr.read() if writer.stderr else ""
+            assert time.monotonic() < deadline, "the writer never finished training"
+            time.sleep(0.05)
+        time.sleep(0.5)  # from saving last.pt into the test
+        trained = (out / "last.pt").read_bytes()
+        writer.send_signal(signal.SIGTERM)
+        stdout, stderr = writer.communicate(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == 143, stderr
+    last = stderr.rstrip("\n").splitlines()[-1]
+    assert "Traceback" not in stderr and "accuracy" not in stdout
+    assert "stopped by SIGTERM during the test after the last step (2)" in last
+    assert last.endswith(f"resume with: fewshot-nsl train --resume {out.resolve()}")
+    assert not (out / "results.json").exists() and not RunLock.is_held(out)
+    assert (out / "last.pt").read_bytes() == trained  # not rewritten (with the best weights)
+    strict_json_lines(out / "metrics.jsonl")
+
+    status, _, stderr = run(  # the tiny run's test, as the uninterrupted run's
+        capsys, "train", "--resume", str(out), "--quiet", "episodes.test_episodes=4"
+    )
+    assert status == 0, stderr
+    assert (out / "last.pt").read_bytes() == trained  # no training step on resume
+    full = tmp_path / "full"
+    status, _, stderr = run(capsys, "train", "--config", str(tiny), "--out", str(full), "--quiet")
+    assert status == 0, stderr
+    assert_same_run(out, full)
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     """Bit-identical final weights, identical per-episode test accuracies and metrics."""
     last_a, last_b = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")

@@ -256,7 +256,7 @@ def test_a_change_outside_the_sample_needs_verify_data_full(
     args = ("eval", "--checkpoint", checkpoint, "--quiet", "--json", tmp_path / "e.json")
     status, _, stderr = run_cli(capsys, *args)
     assert status == 0, stderr  # the limit of the sampled check, by design
-    status, _, stderr = run_cli(capsys, *args, "--verify-data", "full")
+    status, _, stderr = run_cli(capsys, *args, "--overwrite", "--verify-data", "full")
     assert_one_line_error(status, stderr, f"{changed / 'test.npy'}", "stored full hash")
     status, _, stderr = run_cli(
         capsys,
@@ -384,6 +384,49 @@ def test_eval_of_a_run_directory_uses_its_best_checkpoint(
     empty.mkdir()
     status, _, stderr = run_cli(capsys, "eval", "--checkpoint", empty)
     assert_one_line_error(status, stderr, str(empty), "without best.pt or last.pt")
+
+
+def test_eval_never_replaces_a_results_file_without_overwrite(
+    world: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """``--json FILE`` that exists is refused before the evaluation (one line naming it and
+    ``--overwrite``); the default ``eval_best.json`` of an earlier eval is kept and the next
+    eval (another protocol) writes ``eval_best-2.json``, saying so; ``--overwrite`` replaces."""
+    precious = tmp_path / "mine.json"
+    precious.write_text("a user's file")
+    checkpoint = tmp_path / "ckpt" / "best.pt"
+    checkpoint.parent.mkdir()
+    shutil.copyfile(world["run"] / "best.pt", checkpoint)
+    args = ("eval", "--checkpoint", checkpoint, "--quiet", "--episodes", "3")
+    status, stdout, stderr = run_cli(capsys, *args, "--json", precious)
+    assert_one_line_error(status, stderr, f"--json {precious} already exists", "--overwrite")
+    assert precious.read_text() == "a user's file" and "accuracy" not in stdout
+    status, _, stderr = run_cli(capsys, *args, "--json", precious, "--overwrite")
+    assert status == 0, stderr
+    assert json.loads(precious.read_text())["checkpoint"] == str(checkpoint)
+
+    def episodes(path: Path) -> set[int]:
+        (model,) = json.loads(path.read_text())["models"].values()
+        return {result["episodes"] for result in model["test"].values()}
+
+    first = checkpoint.with_name("eval_best.json")
+    status, _, stderr = run_cli(capsys, *args)
+    assert status == 0, stderr
+    assert episodes(first) == {3}
+    kept = first.read_bytes()
+    second = checkpoint.with_name("eval_best-2.json")
+    status, stdout, stderr = run_cli(capsys, "eval", "--checkpoint", checkpoint, "--episodes", "4")
+    assert status == 0, stderr
+    assert f"eval: {first} exists (an earlier eval): writing {second}" in stderr
+    assert f"wrote {second}" in stdout
+    assert first.read_bytes() == kept and episodes(second) == {4}
+    status, stdout, _ = run_cli(capsys, "eval", "--checkpoint", checkpoint, "--episodes", "3")
+    assert f"wrote {checkpoint.with_name('eval_best-3.json')}" in stdout
+    status, stdout, stderr = run_cli(capsys, *args[:-1], "5", "--overwrite")
+    assert status == 0, stderr
+    assert f"wrote {first}" in stdout and episodes(first) == {5}
+    names = sorted(p.name for p in checkpoint.parent.iterdir())
+    assert names == ["best.pt", "eval_best-2.json", "eval_best-3.json", "eval_best.json"]
 
 
 def test_export_never_replaces_a_file_without_overwrite(

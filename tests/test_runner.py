@@ -1,8 +1,8 @@
-"""Runner: statistics, schedules, atomic checkpoints, exact resume, the distributed seams."""
+"""Runner: statistics, schedules, exact resume, the distributed seams (checkpoint and RNG
+unit tests: tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,7 @@ import torch
 
 from fewshot_nsl.checkpoint import (
     CheckpointMismatch,
-    capture_rng_state,
     load_checkpoint,
-    load_model_state,
-    restore_rng_state,
-    save_checkpoint,
 )
 from fewshot_nsl.config import ConfigError
 from fewshot_nsl.evaluation import evaluate_episodes
@@ -75,82 +71,6 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# -- RNG, checkpoints (tests of fewshot_nsl.checkpoint) ------------------------------------
-
-
-def test_rng_state_round_trip() -> None:
-    state = capture_rng_state()
-    expected = (torch.rand(3), np.random.rand(3), random.random())
-    torch.rand(5), np.random.rand(5), random.random()  # move every generator on
-    restore_rng_state(state)
-    assert torch.equal(torch.rand(3), expected[0])
-    assert np.array_equal(np.random.rand(3), expected[1])
-    assert random.random() == expected[2]
-
-
-def _save_small(path: Path, model: torch.nn.Module, step: int) -> Path:
-    optimizer = torch.optim.Adam(model.parameters())
-    return save_checkpoint(
-        path,
-        model=model,
-        optimizer=optimizer,
-        scheduler=None,
-        step=step,
-        config={"name": "x"},
-        data={"train": "abc"},
-    )
-
-
-def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
-    model = torch.nn.Linear(3, 2)
-    path = _save_small(tmp_path / "last.pt", model, step=7)
-    payload = load_checkpoint(path)
-    assert payload["step"] == 7 and payload["data"] == {"train": "abc"}
-    assert "torch" in payload["versions"]
-    assert torch.equal(payload["model"]["weight"], model.weight.detach())
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        load_checkpoint(tmp_path / "nope.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt is unreadable"):
-        load_checkpoint(tmp_path / "junk.pt")
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a fewshot-nsl checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
-
-
-def test_a_failure_during_save_leaves_the_old_checkpoint_intact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = torch.nn.Linear(3, 2)
-    path = _save_small(tmp_path / "last.pt", model, step=1)
-    before = path.read_bytes()
-
-    def torn_save(obj: Any, handle: Any) -> None:
-        handle.write(b"half a checkpoint")  # bytes reach the temp file, then the "kill"
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", torn_save)
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    with pytest.raises(KeyboardInterrupt):
-        _save_small(path, model, step=2)
-    assert path.read_bytes() == before
-    assert load_checkpoint(path)["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left
-
-
-def test_architecture_mismatch_says_what_differs() -> None:
-    small, large = torch.nn.Linear(3, 2), torch.nn.Sequential(torch.nn.Linear(3, 4))
-    with pytest.raises(
-        CheckpointMismatch,
-        match=r"architecture mismatch.*missing in checkpoint: "
-        r"0\.bias, 0\.weight.*not in this model: bias",
-    ):
-        load_model_state(large, small.state_dict(), "ckpt.pt")
-    with pytest.raises(CheckpointMismatch, match=r"shape .*weight \(2, 3\) vs \(4, 3\)"):
-        load_model_state(torch.nn.Linear(3, 4), small.state_dict(), "ckpt.pt")
 
 
 # -- data errors ---------------------------------------------------------------------------
