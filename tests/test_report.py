@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from fewshot_nsl.cli import main
@@ -225,8 +226,6 @@ def tiny(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
-    import torch
-
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
@@ -289,3 +288,58 @@ def test_stored_accuracies_are_the_scored_ones() -> None:
     # Values that are no k/(way·query) (hand-written, other query counts) are kept as stored.
     entry = {"way": 5, "query": 15, "accuracies": [0.7, 0.5]}
     assert stored_accuracies(entry).tolist() == [0.7, 0.5]
+
+
+@pytest.mark.slow
+def test_eval_compare_reuses_stored_scores_equal_to_rescoring(
+    tiny: Path, tmp_path: Path, capsys
+) -> None:
+    import numpy as np
+
+    from fewshot_nsl.cli import _loaded_learner
+    from fewshot_nsl.evaluation import evaluate_shots, stored_test_results
+
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny), "--out", str(out), "--quiet"]
+    assert main([*argv, "episodes.test_shots=[1, 5]"]) == 0
+    capsys.readouterr()
+    best, last = out / "best.pt", out / "last.pt"
+
+    # The stored accuracies of best.pt (the tested checkpoint) are those scoring gives, bit
+    # for bit, for all its episodes and for the first 3.
+    cpu = torch.device("cpu")
+    learner, config, split = _loaded_learner(best, cpu, "sampled")
+    for count in (4, 3):
+        stored = stored_test_results(best, config, split, [1, 5], count)
+        scored = evaluate_shots(learner, config, split, [1, 5], count, cpu, show_progress=False)
+        for shot in (1, 5):
+            assert np.array_equal(stored[shot].accuracies, scored[shot].accuracies)
+            assert stored[shot].as_dict() == scored[shot].as_dict()
+    # Not stored: more episodes than were tested, a manifest, last.pt (best.pt was tested).
+    assert stored_test_results(best, config, split, [1], 5) is None
+    assert stored_test_results(best, config, split, [1], 3, manifest="m.json") is None
+    assert stored_test_results(last, config, split, [1], 3) is None
+
+    # eval --compare: B (best.pt) reused, the JSON the same as with --rescore.
+    def compare(*extra: str) -> tuple[dict[str, Any], str]:
+        json_path = tmp_path / "compare.json"
+        status = main(
+            ["eval", "--checkpoint", str(last), "--compare", str(best), "--episodes", "3"]
+            + ["--json", str(json_path), *extra]
+        )
+        assert status == 0
+        return json.loads(json_path.read_text()), capsys.readouterr().err
+
+    reused, stderr = compare()
+    assert f"{best}: reusing the per-episode accuracies" in stderr
+    assert f"{last}: reusing" not in stderr
+    rescored, stderr = compare("--rescore")
+    assert "reusing" not in stderr
+    assert reused == rescored
+    assert "reusing" not in compare("--quiet")[1]  # --quiet: reused without a word
+
+    # results.json of another best step (best.pt replaced since the test): scored again.
+    results = json.loads((out / "results.json").read_text())
+    results["best"]["step"] += 1
+    (out / "results.json").write_text(json.dumps(results))
+    assert stored_test_results(best, config, split, [1], 3) is None
