@@ -261,8 +261,9 @@ def _tested_checkpoint(results: Mapping[str, Any], path: Path) -> bool:
     checkpoint = load_checkpoint(path)
     if tested == "best.pt":
         best = results.get("best") or {}
-        return checkpoint["best"] == best and checkpoint["step"] == best.get("step")
-    return checkpoint["step"] == results.get("steps")
+        step = results.get("tested_step", best.get("step"))
+        return checkpoint["best"] == best and checkpoint["step"] == step
+    return checkpoint["step"] == results.get("tested_step", results.get("steps"))
 
 
 def stored_test_results(

@@ -343,3 +343,95 @@ def test_eval_compare_reuses_stored_scores_equal_to_rescoring(
     results["best"]["step"] += 1
     (out / "results.json").write_text(json.dumps(results))
     assert stored_test_results(best, config, split, [1], 3) is None
+
+
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records what it is given."""
+
+    made: list[FakeSummaryWriter] = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_scalars_of_a_metrics_record() -> None:
+    from fewshot_nsl.tensorboard_log import scalars
+
+    assert scalars("train", {"loss": 1.5, "accuracy": 0.25, "lr": 1e-3}) == {
+        "train/loss": 1.5,
+        "train/accuracy": 0.25,
+        "train/lr": 1e-3,
+    }
+    assert scalars("val", {"accuracy": 0.5, "ci95": 0.1, "best": True}) == {
+        "val/accuracy": 0.5,
+        "val/ci95": 0.1,
+    }
+    assert scalars("test", {"shot": 5, "accuracy": 0.7, "episodes": 4}) == {
+        "test/5-shot/accuracy": 0.7,
+        "test/5-shot/episodes": 4.0,
+    }
+
+
+@pytest.mark.slow
+def test_train_tensorboard_writes_the_metrics_scalars(
+    tiny: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import sys
+    import types
+
+    from fewshot_nsl.tensorboard_log import scalars
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeSummaryWriter.made.clear()
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny), "--out", str(out), "--quiet"]
+    assert main([*argv, "train.tensorboard=true"]) == 0
+    (writer,) = FakeSummaryWriter.made
+    assert writer.log_dir == str(out / "tensorboard") and writer.closed
+    expected = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        event, step = record.pop("event"), record.pop("step")
+        record.pop("time")
+        expected += [(tag, value, step) for tag, value in scalars(event, record).items()]
+    assert writer.scalars == expected
+    assert {"train/loss", "val/accuracy", "test/1-shot/accuracy"} <= {t for t, _, _ in expected}
+
+    # Without the package: one line saying what to install, before any training.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    capsys.readouterr()
+    other = ["train", "--config", str(tiny), "--out", str(tmp_path / "other"), "--quiet"]
+    assert main([*other, "train.tensorboard=true"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "fewshot-nsl[tensorboard]" in stderr
+
+
+@pytest.mark.slow
+def test_train_tensorboard_with_the_real_package(tiny: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert (
+        main(
+            ["train", "--config", str(tiny), "--out", str(out), "--quiet", "train.tensorboard=true"]
+        )
+        == 0
+    )
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_repeats_of_one_seed_are_not_seeds(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", "x", {1: [0.5, 0.7]})
+    write_run(tmp_path / "b", "x", {1: [0.5, 0.7]})  # the same config and seed, again
+    write_run(tmp_path / "c" / "seed-1", "x", {1: [0.3, 0.7]}, seed=1)
+    report = build_report(find_runs([tmp_path])[0])
+    assert [row.seeds for row in report.rows] == [[0, 1], [0]]
