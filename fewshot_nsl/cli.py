@@ -301,10 +301,37 @@ def _eval_json_path(args: argparse.Namespace, checkpoint: Path) -> Path:
     return out
 
 
+def _test_scores(
+    path: Path,
+    learner: Any,
+    config: Mapping[str, Any],
+    split: Any,
+    evaluate: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[int, Any]:
+    """Test results of the checkpoint at ``path`` on ``config``'s test episodes: those stored
+    in its run's ``results.json`` when they are exactly these episodes (unless
+    ``--rescore``; said on stderr unless ``--quiet``), else scored now."""
+    from fewshot_nsl.evaluation import evaluate_shots, stored_test_results
+
+    if not args.rescore:
+        keys = ("shots", "num_episodes", "manifest")
+        stored = stored_test_results(path, config, split, **{k: evaluate[k] for k in keys})
+        if stored is not None:
+            if not args.quiet:
+                print(
+                    f"{path}: reusing the per-episode accuracies in its run's results.json (the "
+                    "same test episodes and data; --rescore to score again)",
+                    file=sys.stderr,
+                )
+            return stored
+    return evaluate_shots(learner, config, split, **evaluate)
+
+
 def command_eval(args: argparse.Namespace) -> int:
     from episodes.fileio import atomic_write, check_writable
     from fewshot_nsl.engine import resolve_device
-    from fewshot_nsl.evaluation import EvalResult, evaluate_shots
+    from fewshot_nsl.evaluation import EvalResult
     from fewshot_nsl.stats import paired_difference
 
     device = resolve_device(args.device)
@@ -343,7 +370,7 @@ def command_eval(args: argparse.Namespace) -> int:
         "manifest": manifest,
         **_eval_progress(args.quiet),
     }
-    results_a = evaluate_shots(learner, config, split, **evaluate)
+    results_a = _test_scores(path, learner, config, split, evaluate, args)
     models: list[tuple[str, dict[str, Any], dict[int, EvalResult]]] = [
         (str(config["name"]), config, results_a)
     ]
@@ -351,7 +378,9 @@ def command_eval(args: argparse.Namespace) -> int:
         learner_b, config_b, split_b = _loaded_learner(path_b, device, args.verify_data)
         _comparable(config, config_b, split, split_b, path_b)
         # Scored with A's config: the same episodes (seed, query, manifest) for both.
-        results_b = evaluate_shots(learner_b, config, split, label=config_b["name"], **evaluate)
+        results_b = _test_scores(
+            path_b, learner_b, config, split, {**evaluate, "label": config_b["name"]}, args
+        )
         name_b = str(config_b["name"])
         if name_b == models[0][0]:
             name_b += f" ({path_b})"
@@ -638,6 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace an existing --json FILE (or the default eval_<checkpoint>.json)",
+    )
+    evaluate.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score again even where the run's results.json holds these episodes' accuracies",
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar or lines")

@@ -16,7 +16,8 @@ model, optimiser            built right after seeding ``train.seed``            
 learning-rate schedule      :class:`LRFactor` through ``LambdaLR`` (state saved)   ``lr_schedule``
 training inputs             built after the model (samplers, batch streams)        ``build_inputs``
 one optimiser step          zero_grad → task → ``optimizer.step`` → schedule step  ``gradient_step``
-logging                     window means every ``log_every`` steps, progress bar
+logging                     window means every ``log_every`` steps, progress bar,
+                            TensorBoard scalars (``train.tensorboard``)
 evaluation cadence          every ``eval_every`` steps and (``final_evaluation``)   ``evaluate``
                             at the last step; keeps the best (``best.pt``); stops
                             early when the evaluation says so (``Evaluation.stop``)
@@ -83,6 +84,7 @@ from fewshot_nsl.runlog import (
     holds_run,
     remove_run,
 )
+from fewshot_nsl.tensorboard_log import TensorBoardLog, require_tensorboard
 
 __all__ = [
     "Engine",
@@ -283,6 +285,9 @@ class Engine(ABC):
         self.step = 0
         self.best: dict[str, Any] | None = None
         self.model: nn.Module | None = None
+        self.tensorboard: TensorBoardLog | None = None  # train.tensorboard: opened with the run
+        if train.get("tensorboard") and self.is_main:
+            require_tensorboard()  # missing package: fail now, before data and files
         self.train_time_s = 0.0  # wall time spent in training steps (not in evaluation)
         self._started = time.perf_counter()
         self._lock: RunLock | None = None
@@ -422,6 +427,7 @@ class Engine(ABC):
                     self._log(f"--overwrite: kept files a run does not write: {names}")
             if resume and last.is_file():
                 self.restore(last)
+                self._open_tensorboard()
                 return
             if resume:
                 self._check_saved_config()
@@ -436,9 +442,15 @@ class Engine(ABC):
             self.run_dir.write_meta(data=self.fingerprints())
             # The one line per run even with quiet (resuming, restore() says where instead).
             self._log(f"[{self.config.get('name')}] run directory {self.run_dir.path}")
+            self._open_tensorboard()
         except BaseException:
             self.close()
             raise
+
+    def _open_tensorboard(self) -> None:
+        """With ``train.tensorboard``: the TensorBoard files of the (open) run directory."""
+        if self.config["train"].get("tensorboard") and self.run_dir is not None:
+            self.tensorboard = TensorBoardLog(self.run_dir.path)
 
     def _check_saved_config(self) -> None:
         """Refuse to restart a run from step 0 with another config than its config.yaml."""
@@ -454,7 +466,10 @@ class Engine(ABC):
         check_resumable(saved, self.config, saved_path, self.resumable_changes)
 
     def close(self) -> None:
-        """Release the run directory's lock (idempotent)."""
+        """Close the TensorBoard files and release the run directory's lock (idempotent)."""
+        if self.tensorboard is not None:  # flush the TensorBoard files
+            self.tensorboard.close()
+            self.tensorboard = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -571,6 +586,8 @@ class Engine(ABC):
         if self.is_main:
             assert self.run_dir is not None, "call setup() first"
             self.run_dir.log(event, step, **values)
+            if self.tensorboard is not None:  # the same scalars, as TensorBoard files
+                self.tensorboard.log(event, step, values)
 
     def say(self, message: str, bar: tqdm | None = None) -> None:
         """One progress line for the user (above the progress bar when there is one)."""

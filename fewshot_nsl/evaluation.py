@@ -7,10 +7,12 @@ by splitting the indices (``shard``) and putting the accuracies back in order (`
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ __all__ = [
     "evaluate_episodes",
     "evaluate_shots",
     "stored_accuracies",
+    "stored_test_results",
     "test_source",
     "test_way",
     "val_query",
@@ -244,3 +247,70 @@ def stored_accuracies(test: Mapping[str, Any]) -> np.ndarray:
     if np.all(np.abs(correct / queries - values) <= 0.5 * 10.0**-STORED_DECIMALS + 1e-12):
         return correct / queries
     return values
+
+
+def _tested_checkpoint(results: Mapping[str, Any], path: Path) -> bool:
+    """Whether ``results`` (a run's ``results.json``) are the test of the checkpoint at
+    ``path`` as it is now: ``best.pt`` holding the best validation step that was tested, or
+    ``last.pt`` of the final step of a run tested on its final weights."""
+    from fewshot_nsl.checkpoint import load_checkpoint
+
+    tested = results.get("tested")
+    if (path.name, tested) not in (("best.pt", "best.pt"), ("last.pt", "final weights")):
+        return False
+    checkpoint = load_checkpoint(path)
+    if tested == "best.pt":
+        best = results.get("best") or {}
+        step = results.get("tested_step", best.get("step"))
+        return checkpoint["best"] == best and checkpoint["step"] == step
+    return checkpoint["step"] == results.get("tested_step", results.get("steps"))
+
+
+def stored_test_results(
+    path: str | Path,
+    config: Mapping[str, Any],
+    split: ImageSplit,
+    shots: Sequence[int],
+    num_episodes: int,
+    manifest: str | None = None,
+) -> dict[int, EvalResult] | None:
+    """The per-episode accuracies of the checkpoint at ``path`` stored in its run's
+    ``results.json`` (next to it), when they are what :func:`evaluate_shots` with these
+    arguments would score; ``None`` otherwise. They are when:
+
+    * the run tested this very checkpoint (:func:`_tested_checkpoint`);
+    * its test data has ``split``'s fingerprint;
+    * for every shot, the stored episodes are this config's: same test way, ``test_query`` and
+      sampler seed (``episodes.eval_seed``), and at least ``num_episodes`` of them (episode
+      ``i`` does not depend on the count, so the first ``num_episodes`` are these).
+
+    Episodes from a manifest are always scored again (a file name does not pin its content).
+    """
+    path = Path(path)
+    results_path = path.with_name("results.json")
+    if manifest or not results_path.is_file():
+        return None
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    tests = results.get("test")
+    if not isinstance(tests, dict) or results.get("data", {}).get("test") != split.fingerprint:
+        return None
+    episodes, stored = config["episodes"], {}
+    for shot in shots:
+        test = tests.get(str(shot))
+        _, count, source = test_source(config, split, shot, num_episodes)
+        if (
+            not isinstance(test, dict)
+            or (test.get("way"), test.get("shot")) != (test_way(config), shot)
+            or test.get("query") != episodes["test_query"]
+            or test.get("source") != source
+            or len(test.get("accuracies", ())) < count
+        ):
+            return None
+        accuracies = stored_accuracies(test)[:count]
+        stored[shot] = EvalResult(
+            test_way(config), shot, episodes["test_query"], accuracies, source
+        )
+    return stored if _tested_checkpoint(results, path) else None

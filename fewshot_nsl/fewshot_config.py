@@ -174,6 +174,7 @@ FEWSHOT_DEFAULTS: dict[str, Any] = {
         "device": Field("auto", check=check_device),
         "threads": Field(None, types=(int, None), check=positive_int),
         "out_dir": Field(None, types=(str, None)),
+        "tensorboard": False,
     },
 }
 

@@ -35,7 +35,9 @@ import numpy as np
 import yaml
 
 from episodes.fileio import atomic_write
+from fewshot_nsl.config import normalized_config
 from fewshot_nsl.evaluation import stored_accuracies
+from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS
 from fewshot_nsl.stats import MeanCI, mean_ci, paired_difference
 
 __all__ = [
@@ -49,8 +51,9 @@ __all__ = [
     "plot_available",
 ]
 
-#: Config keys that may differ between runs of one group (the seed and where it was written).
-SEED_KEYS = ("seed", "seeds", "out_dir")
+#: ``train`` keys that may differ between runs of one group: the seed, where the run was
+#: written and how it was logged (none changes what was trained or tested).
+SEED_KEYS = ("seed", "seeds", "out_dir", "tensorboard", "log_every", "checkpoint_every")
 
 
 @dataclass
@@ -176,21 +179,27 @@ class RunGroup:
 
 
 def _group_key(run: Run) -> str:
-    """Runs with equal keys differ at most by seed: the config without :data:`SEED_KEYS`, and
-    the test data fingerprint. A run without ``config.yaml`` is a group of its own."""
+    """Runs with equal keys differ at most by seed: the config (resolved again with today's
+    schema, so runs from before a field was added still match) without :data:`SEED_KEYS`,
+    and the test data fingerprint. A run without ``config.yaml`` is a group of its own."""
     if not run.config:
         return f"path:{run.path}"
-    config = {key: value for key, value in run.config.items() if key != "train"}
-    train = {k: v for k, v in run.config.get("train", {}).items() if k not in SEED_KEYS}
+    resolved = normalized_config(run.config, FEWSHOT_DEFAULTS)
+    config = {key: value for key, value in resolved.items() if key != "train"}
+    train = {k: v for k, v in resolved.get("train", {}).items() if k not in SEED_KEYS}
     data = run.results.get("data", {}).get("test")
     return json.dumps([run.name, config, train, data], sort_keys=True, default=str)
 
 
 def group_runs(runs: Iterable[Run]) -> list[RunGroup]:
-    """Runs grouped by :func:`_group_key` (groups in order of first appearance, runs by seed)."""
-    groups: dict[str, list[Run]] = {}
+    """Runs grouped by :func:`_group_key` (groups in order of first appearance, runs by seed).
+    Two runs of the same seed are repeats, not seeds: they go to separate groups."""
+    groups: dict[tuple[str, int], list[Run]] = {}
     for run in runs:
-        groups.setdefault(_group_key(run), []).append(run)
+        key, repeat = _group_key(run), 0
+        while any(other.seed == run.seed for other in groups.get((key, repeat), [])):
+            repeat += 1
+        groups.setdefault((key, repeat), []).append(run)
     return [
         RunGroup(sorted(members, key=lambda r: (r.seed is None, r.seed or 0, str(r.path))))
         for members in groups.values()

@@ -90,6 +90,7 @@ RESUMABLE_CHANGES = (
     "train.meta_batch",
     "train.compile",
     "train.out_dir",
+    "train.tensorboard",
     "episodes.test_episodes",
     "episodes.test_shots",
     "episodes.test_query",

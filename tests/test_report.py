@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from fewshot_nsl.cli import main
@@ -225,8 +226,6 @@ def tiny(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
-    import torch
-
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
@@ -289,3 +288,150 @@ def test_stored_accuracies_are_the_scored_ones() -> None:
     # Values that are no k/(way·query) (hand-written, other query counts) are kept as stored.
     entry = {"way": 5, "query": 15, "accuracies": [0.7, 0.5]}
     assert stored_accuracies(entry).tolist() == [0.7, 0.5]
+
+
+@pytest.mark.slow
+def test_eval_compare_reuses_stored_scores_equal_to_rescoring(
+    tiny: Path, tmp_path: Path, capsys
+) -> None:
+    import numpy as np
+
+    from fewshot_nsl.cli import _loaded_learner
+    from fewshot_nsl.evaluation import evaluate_shots, stored_test_results
+
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny), "--out", str(out), "--quiet"]
+    assert main([*argv, "episodes.test_shots=[1, 5]"]) == 0
+    capsys.readouterr()
+    best, last = out / "best.pt", out / "last.pt"
+
+    # The stored accuracies of best.pt (the tested checkpoint) are those scoring gives, bit
+    # for bit, for all its episodes and for the first 3.
+    cpu = torch.device("cpu")
+    learner, config, split = _loaded_learner(best, cpu, "sampled")
+    for count in (4, 3):
+        stored = stored_test_results(best, config, split, [1, 5], count)
+        scored = evaluate_shots(learner, config, split, [1, 5], count, cpu, show_progress=False)
+        for shot in (1, 5):
+            assert np.array_equal(stored[shot].accuracies, scored[shot].accuracies)
+            assert stored[shot].as_dict() == scored[shot].as_dict()
+    # Not stored: more episodes than were tested, a manifest, last.pt (best.pt was tested).
+    assert stored_test_results(best, config, split, [1], 5) is None
+    assert stored_test_results(best, config, split, [1], 3, manifest="m.json") is None
+    assert stored_test_results(last, config, split, [1], 3) is None
+
+    # eval --compare: B (best.pt) reused, the JSON the same as with --rescore.
+    def compare(*extra: str) -> tuple[dict[str, Any], str]:
+        json_path = tmp_path / "compare.json"
+        status = main(
+            ["eval", "--checkpoint", str(last), "--compare", str(best), "--episodes", "3"]
+            + ["--json", str(json_path), "--overwrite", *extra]
+        )
+        assert status == 0
+        return json.loads(json_path.read_text()), capsys.readouterr().err
+
+    reused, stderr = compare()
+    assert f"{best}: reusing the per-episode accuracies" in stderr
+    assert f"{last}: reusing" not in stderr
+    rescored, stderr = compare("--rescore")
+    assert "reusing" not in stderr
+    assert reused == rescored
+    assert "reusing" not in compare("--quiet")[1]  # --quiet: reused without a word
+
+    # results.json of another best step (best.pt replaced since the test): scored again.
+    results = json.loads((out / "results.json").read_text())
+    results["best"]["step"] += 1
+    (out / "results.json").write_text(json.dumps(results))
+    assert stored_test_results(best, config, split, [1], 3) is None
+
+
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records what it is given."""
+
+    made: list[FakeSummaryWriter] = []
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_scalars_of_a_metrics_record() -> None:
+    from fewshot_nsl.tensorboard_log import scalars
+
+    assert scalars("train", {"loss": 1.5, "accuracy": 0.25, "lr": 1e-3}) == {
+        "train/loss": 1.5,
+        "train/accuracy": 0.25,
+        "train/lr": 1e-3,
+    }
+    assert scalars("val", {"accuracy": 0.5, "ci95": 0.1, "best": True}) == {
+        "val/accuracy": 0.5,
+        "val/ci95": 0.1,
+    }
+    assert scalars("test", {"shot": 5, "accuracy": 0.7, "episodes": 4}) == {
+        "test/5-shot/accuracy": 0.7,
+        "test/5-shot/episodes": 4.0,
+    }
+
+
+@pytest.mark.slow
+def test_train_tensorboard_writes_the_metrics_scalars(
+    tiny: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import sys
+    import types
+
+    from fewshot_nsl.tensorboard_log import scalars
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeSummaryWriter.made.clear()
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(tiny), "--out", str(out), "--quiet"]
+    assert main([*argv, "train.tensorboard=true"]) == 0
+    (writer,) = FakeSummaryWriter.made
+    assert writer.log_dir == str(out / "tensorboard") and writer.closed
+    expected = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        event, step = record.pop("event"), record.pop("step")
+        record.pop("time")
+        expected += [(tag, value, step) for tag, value in scalars(event, record).items()]
+    assert writer.scalars == expected
+    assert {"train/loss", "val/accuracy", "test/1-shot/accuracy"} <= {t for t, _, _ in expected}
+
+    # Without the package: one line saying what to install, before any training.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    capsys.readouterr()
+    other = ["train", "--config", str(tiny), "--out", str(tmp_path / "other"), "--quiet"]
+    assert main([*other, "train.tensorboard=true"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "fewshot-nsl[tensorboard]" in stderr
+
+
+@pytest.mark.slow
+def test_train_tensorboard_with_the_real_package(tiny: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert (
+        main(
+            ["train", "--config", str(tiny), "--out", str(out), "--quiet", "train.tensorboard=true"]
+        )
+        == 0
+    )
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_repeats_of_one_seed_are_not_seeds(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", "x", {1: [0.5, 0.7]})
+    write_run(tmp_path / "b", "x", {1: [0.5, 0.7]})  # the same config and seed, again
+    write_run(tmp_path / "c" / "seed-1", "x", {1: [0.3, 0.7]}, seed=1)
+    report = build_report(find_runs([tmp_path])[0])
+    assert [row.seeds for row in report.rows] == [[0, 1], [0]]
