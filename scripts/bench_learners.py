@@ -325,6 +325,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="learners table: threads")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
     parser.add_argument(
+        "--sizes", type=int, nargs="+", help="meta-batch table: image sides (default 28 84)"
+    )
+    parser.add_argument(
+        "--tasks", type=int, nargs="+", help="meta-batch table: meta-batch sizes (2 4 8 32)"
+    )
+    parser.add_argument(
+        "--thread-counts", type=int, nargs="+", help="meta-batch table: thread counts (1 2)"
+    )
+    parser.add_argument(
         "--allow-loaded",
         action="store_true",
         help="run even when the 1-minute load exceeds the core count (figures flagged)",
@@ -370,9 +379,9 @@ def main() -> None:
         learners_table(configs, size, inner_steps, rounds, device)
     if args.table in ("meta-batch", "both"):
         meta_batch_table(
-            [28] if args.quick else [28, 84],
-            [2, 4] if args.quick else [2, 4, 8, 32],
-            [1] if args.quick else [1, 2],
+            args.sizes or ([28] if args.quick else [28, 84]),
+            args.tasks or ([2, 4] if args.quick else [2, 4, 8, 32]),
+            args.thread_counts or ([1] if args.quick else [1, 2]),
             inner_steps,
             rounds,
             device,

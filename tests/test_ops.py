@@ -406,8 +406,11 @@ def test_location_tiled_second_derivatives(diagonal):
     assert torch.autograd.gradgradcheck(op, (x, weight, M))
 
 
-def test_location_tile_rows_chooses_bands_for_large_diagonal_maps():
+def test_location_tile_rows_chooses_bands_for_large_diagonal_maps(monkeypatch):
     x, weight = torch.empty(20, 32, 84, 84), torch.empty(32, 32, 3, 3)
+    # Off by default (slower at low load on the 2-core CPU): never bands.
+    assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=True) is None
+    monkeypatch.setattr(torch_paths, "LOCATION_TILE_MIN_BYTES", 64 * 2**20)  # as it was
     # 20 * 32 * 9 * 84 * 4 bytes = 1.9 MiB a row, 162 MiB the map: bands of 16 MiB = 8 rows
     assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=True) == 8
     assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=False) is None

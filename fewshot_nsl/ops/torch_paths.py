@@ -11,8 +11,8 @@ the shapes of ``M`` are in :mod:`fewshot_nsl.ops`.
   (one ``F.conv2d`` grouped over the batch) or, for small output maps, mixes the unfolded taps
   per image and contracts them in one 1x1 convolution (:func:`_sample_prefers_unfold` picks
   by layer shape); ``location`` mixes the unfolded taps per output location and contracts them
-  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order), in row
-  bands for large diagonal maps (:func:`location_tile_rows`).
+  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order); row
+  bands for large diagonal maps exist (:func:`location_tile_rows`) but are off by default.
 * :func:`backward_torch`: ``(grad_x, grad_weight, grad_M)`` of the ``sample``/``location``
   forms by explicit formulas, the same decomposition as the CUDA kernels (the custom op's CPU
   backward, so the CPU tests also check the kernels' algebra).
@@ -148,11 +148,12 @@ def _location_torch(
 
 
 #: The per-location *diagonal* form runs in row bands (:func:`_location_tiled_torch`) when the
-#: whole map's tap stack ``B * C * HV * L`` would exceed this many bytes: measured (2-core
-#: CPU, under load, docs/benchmarks.md) 0.82-0.86x the whole-map time forward+backward with
-#: a 162 MiB stack (batch 20 at 84x84 and batch 80 at 42x42, 32 channels), mixed to slower
-#: at 40 MiB and below. The full form is not banded: its bands measured mixed (0.75-1.15x).
-LOCATION_TILE_MIN_BYTES = 64 * 2**20
+#: whole map's tap stack ``B * C * HV * L`` would exceed this many bytes; ``None``: never.
+#: Off by default: under load the bands measured 0.82-0.86x the whole-map time at a 162 MiB
+#: stack, but at low load (2026-12-03, docs/benchmarks/ops.md) they were slower at every
+#: Conv-4 shape (1.14x at batch 80 / 42x42 / 32 channels, 1.08x at 84x84 / 64 channels).
+#: The full form is never banded (its bands measured 0.75-1.15x under load, slower at low load).
+LOCATION_TILE_MIN_BYTES: int | None = None
 #: Target bytes of one band's tap stack; its rows = this // bytes of one output row (>= 1).
 #: Bands of 8 rows (15 MiB) measured faster than of 4 or 2 at 84x84.
 LOCATION_TILE_BAND_BYTES = 16 * 2**20
@@ -165,7 +166,7 @@ def location_tile_rows(
 ) -> int | None:
     """Rows per band for the per-location op on this shape, or ``None`` for the whole map
     at once (:func:`_location_torch`); see :data:`LOCATION_TILE_MIN_BYTES`."""
-    if not diagonal:
+    if not diagonal or LOCATION_TILE_MIN_BYTES is None:
         return None
     batch, channels = x.shape[:2]
     taps = weight.shape[2] * weight.shape[3]
