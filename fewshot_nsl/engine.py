@@ -441,7 +441,7 @@ class Engine(ABC):
             self.run_dir.write_config(self.config)
             self.run_dir.write_meta(data=self.fingerprints())
             # The one line per run even with quiet (resuming, restore() says where instead).
-            self._log(f"[{self.config.get('name')}] run directory {self.run_dir.path}")
+            self._log(f"[{self.config.get('name') or path.name}] run directory {path}")
             self._open_tensorboard()
         except BaseException:
             self.close()
