@@ -7,14 +7,35 @@ import json
 import pickle
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from episodes import ImageSplit, build_split
 from episodes.datasets import CIFAR100_SUPERCLASSES
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Restore torch's thread count after each test: ``train.threads`` in a config sets it
+    process-wide."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """The tiny few-shot config of the CLI tests (``tests.test_cli.TINY_YAML``) as a file."""
+    from tests.test_cli import TINY_YAML
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
 
 
 def load_script(name: str) -> types.ModuleType:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -26,20 +25,6 @@ model: {backbone: conv4, backbone_options: {filters: 4, image_size: 16}}
 learner: &opts {name: maml, inner_steps: 1, inner_steps_eval: 1, inner_lr: 0.1}
 train: {steps: 2, val_every: 1, checkpoint_every: 1, log_every: 1, device: cpu, threads: 1}
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
-
-
-@pytest.fixture
-def tiny(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_YAML)
-    return path
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

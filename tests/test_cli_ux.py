@@ -9,7 +9,6 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,20 +26,6 @@ from tests.test_cli import TINY_YAML, run_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUICKSTART = CONFIGS / "quickstart.yaml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
-
-
-@pytest.fixture
-def tiny(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_YAML)
-    return path
 
 
 # -- version, pipes, listing ------------------------------------------------------------------

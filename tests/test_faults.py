@@ -25,6 +25,7 @@ from fewshot_nsl.checkpoint import load_checkpoint
 from fewshot_nsl.cli import main
 from fewshot_nsl.runlog import RunLock
 from tests.test_cli import TINY_YAML
+from tests.test_cli import run_cli as run
 from tests.test_supervised import TINY_BACKBONE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,31 +40,11 @@ SUPERVISED_YAML = (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
-
-
-@pytest.fixture
-def tiny(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_YAML)
-    return path
-
-
 @pytest.fixture
 def supervised(tmp_path: Path) -> Path:
     path = tmp_path / "supervised.yaml"
     path.write_text(SUPERVISED_YAML)
     return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def one_line_error(stderr: str) -> str:
@@ -223,10 +204,8 @@ def test_concurrent_writer_is_refused_then_sigterm_stops_and_resumes_bit_for_bit
     status, _, stderr = run(capsys, "train", "--resume", str(out), "--quiet", steps)
     assert status == 0, stderr
     full = tmp_path / "full"
-    status, _, stderr = run(
-        capsys, "train", "--config", str(tiny), "--out", str(full), "--quiet", steps,
-        "train.val_every=3",
-    )  # fmt: skip
+    argv = ["train", "--config", str(tiny), "--out", str(full), "--quiet", steps]
+    status, _, stderr = run(capsys, *argv, "train.val_every=3")
     assert status == 0, stderr
     assert_same_run(out, full)
 

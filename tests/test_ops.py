@@ -378,7 +378,9 @@ def test_location_tiled_matches_reference(tile_rows, diagonal, geometry):
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_location_tiled_gradcheck(diagonal):
+def test_location_tiled_gradcheck_and_second_derivatives(diagonal):
+    """First derivatives by gradcheck; second-order MAML differentiates the op twice:
+    gradgradcheck."""
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, 2, 4, 3, dtype=DTYPE, generator=gen, requires_grad=True)
     weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
@@ -389,20 +391,6 @@ def test_location_tiled_gradcheck(diagonal):
         return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
 
     assert torch.autograd.gradcheck(op, (x, weight, M))
-
-
-@pytest.mark.parametrize("diagonal", [False, True])
-def test_location_tiled_second_derivatives(diagonal):
-    """Second-order MAML differentiates the dispatched op twice: gradgradcheck."""
-    gen = torch.Generator().manual_seed(10)
-    x = torch.randn(2, 2, 4, 3, dtype=DTYPE, generator=gen, requires_grad=True)
-    weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
-    geom = ConvGeometry((1, 1), (1, 0), (1, 1))
-    M = random_m("location", diagonal, 2, 2, 4, (5, 2), gen).requires_grad_()
-
-    def op(x, weight, M):
-        return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
-
     assert torch.autograd.gradgradcheck(op, (x, weight, M))
 
 

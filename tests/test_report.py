@@ -224,13 +224,6 @@ def tiny(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # train.threads=1 in the tiny config sets it process-wide
-
-
 @pytest.mark.slow
 def test_train_seeds_runs_per_seed_and_report_groups_them(
     tiny: Path, tmp_path: Path, capsys
