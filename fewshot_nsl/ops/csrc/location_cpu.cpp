@@ -1,0 +1,349 @@
+// Per-location bilinear convolution on the CPU: forward and backward, fused per tile.
+//
+//   y[b, o, l] = sum_{c, k} W[o, c, k] * mixed[b, l, k, c],
+//   mixed[b, l, k, c] = sum_k' M[b, l, k, k'] * x[b, c, pos(l, k')]      (full M)
+//                     = M[b, l, k] * x[b, c, pos(l, k)]                   (diagonal M)
+//
+// where pos(l, k) is the input pixel that tap k of output location l reads (stride, padding,
+// dilation as F.conv2d). The torch path (ops/torch_paths.py) builds the whole tap stack
+// (B, C, HV, L) in memory, multiplies it by M and contracts it: several passes over a tensor
+// HV times the input. Here each image is processed in tiles of output locations whose mixed
+// taps (tile x HV*C numbers) stay in cache: the mixing writes them once, one GEMM with the
+// kernel (oneDNN/MKL through at::mm_out) contracts them. The input is read channels-last
+// (B, H_pad, W_pad, C), so every tap's C channels are contiguous and the mixing loops run
+// along C. The backward recomputes the mixed taps per tile instead of storing them.
+//
+// Images run in parallel (at::parallel_for); the weight gradient is accumulated per chunk of
+// images and the chunks are summed in a fixed order, so results do not depend on timing.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t batch, channels, height, width;  // input
+  int64_t out_channels, kh, kw, taps;      // kernel
+  int64_t h_out, w_out, locations;         // output
+  int64_t sh, sw, ph, pw, dh, dw;          // stride, padding, dilation
+  int64_t h_pad, w_pad;                    // padded input
+  bool diagonal;
+};
+
+// Output locations per tile: the tile's mixed taps (tile * HV * C numbers) about 256 KiB.
+int64_t tile_locations(const Geometry& g, int64_t element_size) {
+  const int64_t row_bytes = g.taps * g.channels * element_size;
+  const int64_t tile = (256 * 1024) / std::max<int64_t>(row_bytes, 1);
+  return std::min(g.locations, std::max<int64_t>(tile, 16));
+}
+
+Geometry make_geometry(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    bool diagonal) {
+  TORCH_CHECK(x.dim() == 4, "x must be (B, C, H, W)");
+  TORCH_CHECK(weight.dim() == 4, "weight must be (O, C, kh, kw)");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "stride, padding and dilation must be pairs");
+  Geometry g{};
+  g.batch = x.size(0);
+  g.channels = x.size(1);
+  g.height = x.size(2);
+  g.width = x.size(3);
+  g.out_channels = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.taps = g.kh * g.kw;
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.h_pad = g.height + 2 * g.ph;
+  g.w_pad = g.width + 2 * g.pw;
+  g.h_out = (g.h_pad - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.w_out = (g.w_pad - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  g.locations = g.h_out * g.w_out;
+  g.diagonal = diagonal;
+  TORCH_CHECK(weight.size(1) == g.channels, "weight has ", weight.size(1),
+              " input channels, x has ", g.channels);
+  TORCH_CHECK(g.h_out > 0 && g.w_out > 0, "empty output map");
+  return g;
+}
+
+// The input zero-padded and channels-last: (B, H_pad, W_pad, C), contiguous.
+at::Tensor padded_channels_last(const at::Tensor& x, const Geometry& g) {
+  return at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}).permute({0, 2, 3, 1}).contiguous();
+}
+
+// The kernel with its taps before its channels: (O, HV * C), index k * C + c.
+at::Tensor taps_major_weight(const at::Tensor& weight, const Geometry& g) {
+  return weight.permute({0, 2, 3, 1}).reshape({g.out_channels, g.taps * g.channels}).contiguous();
+}
+
+// Pointers to the C channels that each tap of location l reads (channels-last padded image).
+template <typename scalar_t>
+inline void tap_sources(const scalar_t* image, const Geometry& g, int64_t l,
+                        const scalar_t** sources) {
+  const int64_t oh = l / g.w_out, ow = l % g.w_out;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t row = oh * g.sh + i * g.dh, col = ow * g.sw + j * g.dw;
+      sources[i * g.kw + j] = image + (row * g.w_pad + col) * g.channels;
+    }
+  }
+}
+
+template <typename scalar_t>
+inline void tap_targets(scalar_t* image, const Geometry& g, int64_t l, scalar_t** targets) {
+  tap_sources<scalar_t>(image, g, l, const_cast<const scalar_t**>(targets));
+}
+
+// The inner loops run along the C channels of one tap (contiguous in the channels-last
+// input). Sums are kept in fixed-size local blocks, which the compiler vectorises without
+// reassociating any sum: every channel's result is added up in the same order as a naive loop.
+constexpr int64_t kBlock = 64;
+
+// dst[c] (+)= sum_q coef[q * coef_stride] * src[q][c] for c < C.
+template <typename scalar_t, bool kAccumulate>
+inline void combine(scalar_t* __restrict__ dst, const scalar_t* const* src, const scalar_t* coef,
+                    int64_t coef_stride, int64_t n, int64_t C) {
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t width = std::min(kBlock, C - c0);
+    scalar_t acc[kBlock];
+    if (width == kBlock) {
+      for (int64_t c = 0; c < kBlock; ++c) acc[c] = kAccumulate ? dst[c0 + c] : scalar_t(0);
+      for (int64_t q = 0; q < n; ++q) {
+        const scalar_t w = coef[q * coef_stride];
+        const scalar_t* __restrict__ s = src[q] + c0;
+        for (int64_t c = 0; c < kBlock; ++c) acc[c] += w * s[c];
+      }
+      for (int64_t c = 0; c < kBlock; ++c) dst[c0 + c] = acc[c];
+    } else {
+      for (int64_t c = 0; c < width; ++c) acc[c] = kAccumulate ? dst[c0 + c] : scalar_t(0);
+      for (int64_t q = 0; q < n; ++q) {
+        const scalar_t w = coef[q * coef_stride];
+        const scalar_t* __restrict__ s = src[q] + c0;
+        for (int64_t c = 0; c < width; ++c) acc[c] += w * s[c];
+      }
+      for (int64_t c = 0; c < width; ++c) dst[c0 + c] = acc[c];
+    }
+  }
+}
+
+// sum_c a[c] * b[c], in 16 interleaved partial sums (vectorisable, and the same order on
+// every call).
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  scalar_t acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[c + j] * b[c + j];
+  }
+  scalar_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  for (; c < n; ++c) total += a[c] * b[c];
+  return total;
+}
+
+// mixed[t, k, c] for the locations l0 .. l0 + count of one image.
+template <typename scalar_t>
+void mix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& g, int64_t l0,
+              int64_t count, scalar_t* mixed, std::vector<const scalar_t*>& sources) {
+  const int64_t C = g.channels, HV = g.taps;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t l = l0 + t;
+    tap_sources<scalar_t>(image, g, l, sources.data());
+    scalar_t* row = mixed + t * HV * C;
+    if (g.diagonal) {
+      const scalar_t* m = m_image + l * HV;
+      for (int64_t k = 0; k < HV; ++k) {
+        const scalar_t mk = m[k];
+        const scalar_t* __restrict__ src = sources[k];
+        scalar_t* __restrict__ dst = row + k * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = mk * src[c];
+      }
+    } else {
+      const scalar_t* m = m_image + l * HV * HV;
+      for (int64_t k = 0; k < HV; ++k) {
+        combine<scalar_t, false>(row + k * C, sources.data(), m + k * HV, 1, HV, C);
+      }
+    }
+  }
+}
+
+// Given grad_mixed[t, k, c] of a tile: grad_M for its locations and grad_x (padded,
+// channels-last) accumulated for the pixels they read.
+template <typename scalar_t>
+void unmix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& g, int64_t l0,
+                int64_t count, const scalar_t* grad_mixed, scalar_t* grad_m_image,
+                scalar_t* grad_image, std::vector<const scalar_t*>& sources,
+                std::vector<scalar_t*>& targets, std::vector<const scalar_t*>& grad_rows) {
+  const int64_t C = g.channels, HV = g.taps;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t l = l0 + t;
+    tap_sources<scalar_t>(image, g, l, sources.data());
+    tap_targets<scalar_t>(grad_image, g, l, targets.data());
+    const scalar_t* grow = grad_mixed + t * HV * C;
+    if (g.diagonal) {
+      const scalar_t* m = m_image + l * HV;
+      scalar_t* gm = grad_m_image + l * HV;
+      for (int64_t k = 0; k < HV; ++k) {
+        const scalar_t* __restrict__ gk = grow + k * C;
+        scalar_t* __restrict__ dst = targets[k];
+        const scalar_t mk = m[k];
+        gm[k] = dot<scalar_t>(gk, sources[k], C);
+        for (int64_t c = 0; c < C; ++c) dst[c] += mk * gk[c];
+      }
+    } else {
+      const scalar_t* m = m_image + l * HV * HV;
+      scalar_t* gm = grad_m_image + l * HV * HV;
+      for (int64_t k = 0; k < HV; ++k) {
+        grad_rows[k] = grow + k * C;
+        for (int64_t q = 0; q < HV; ++q) gm[k * HV + q] = dot<scalar_t>(grad_rows[k], sources[q], C);
+      }
+      // grad_x[pos(l, q), c] += sum_k M[l, k, q] * grad_mixed[l, k, c]
+      for (int64_t q = 0; q < HV; ++q) {
+        combine<scalar_t, true>(targets[q], grad_rows.data(), m + q, HV, HV, C);
+      }
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& M,
+                  const Geometry& g) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && M.device().is_cpu(),
+              "location_cpu: tensors must be on the CPU");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && M.scalar_type() == x.scalar_type(),
+              "location_cpu: x, weight and M must share one dtype");
+  const std::vector<int64_t> expected =
+      g.diagonal ? std::vector<int64_t>{g.batch, g.h_out, g.w_out, g.taps}
+                 : std::vector<int64_t>{g.batch, g.h_out, g.w_out, g.taps, g.taps};
+  TORCH_CHECK(M.sizes() == at::IntArrayRef(expected), "location_cpu: M has shape ", M.sizes(),
+              ", expected ", at::IntArrayRef(expected));
+}
+
+}  // namespace
+
+at::Tensor location_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& M,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool diagonal) {
+  const Geometry g = make_geometry(x, weight, stride, padding, dilation, diagonal);
+  check_inputs(x, weight, M, g);
+  const at::Tensor image_cl = padded_channels_last(x, g);
+  const at::Tensor w_taps = taps_major_weight(weight, g);
+  const at::Tensor m = M.contiguous();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.h_out, g.w_out}, x.options());
+  const int64_t tile = tile_locations(g, x.element_size());
+  const int64_t row = g.taps * g.channels;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "location_forward_cpu", [&] {
+    const scalar_t* image_data = image_cl.data_ptr<scalar_t>();
+    const scalar_t* m_data = m.data_ptr<scalar_t>();
+    const int64_t image_numel = g.h_pad * g.w_pad * g.channels;
+    const int64_t m_numel = g.locations * (diagonal ? g.taps : g.taps * g.taps);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor mixed = at::empty({tile, row}, x.options());
+      std::vector<const scalar_t*> sources(g.taps);
+      for (int64_t b = begin; b < end; ++b) {
+        at::Tensor out_b = out[b].view({g.out_channels, g.locations});
+        for (int64_t l0 = 0; l0 < g.locations; l0 += tile) {
+          const int64_t count = std::min(tile, g.locations - l0);
+          mix_tile<scalar_t>(image_data + b * image_numel, m_data + b * m_numel, g, l0, count,
+                             mixed.data_ptr<scalar_t>(), sources);
+          at::Tensor out_tile = out_b.narrow(1, l0, count);  // (O, count), row stride L
+          at::mm_out(out_tile, w_taps, mixed.narrow(0, 0, count).t());
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> location_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                          const at::Tensor& weight, const at::Tensor& M,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation, bool diagonal) {
+  const Geometry g = make_geometry(x, weight, stride, padding, dilation, diagonal);
+  check_inputs(x, weight, M, g);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.h_out, g.w_out}),
+              "location_cpu: grad_y has shape ", grad_y.sizes());
+  const at::Tensor image_cl = padded_channels_last(x, g);
+  const at::Tensor w_taps = taps_major_weight(weight, g);
+  const at::Tensor m = M.contiguous();
+  const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
+  at::Tensor grad_image = at::zeros_like(image_cl);
+  at::Tensor grad_m = at::empty_like(m);
+  const int64_t tile = tile_locations(g, x.element_size());
+  const int64_t row = g.taps * g.channels;
+  std::map<int64_t, at::Tensor> grad_w_chunks;  // first image of a chunk -> its sum
+  std::mutex chunks_lock;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "location_backward_cpu", [&] {
+    const scalar_t* image_data = image_cl.data_ptr<scalar_t>();
+    const scalar_t* m_data = m.data_ptr<scalar_t>();
+    scalar_t* grad_image_data = grad_image.data_ptr<scalar_t>();
+    scalar_t* grad_m_data = grad_m.data_ptr<scalar_t>();
+    const int64_t image_numel = g.h_pad * g.w_pad * g.channels;
+    const int64_t m_numel = g.locations * (diagonal ? g.taps : g.taps * g.taps);
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor mixed = at::empty({tile, row}, x.options());
+      at::Tensor grad_mixed = at::empty({tile, row}, x.options());
+      at::Tensor grad_w = at::zeros({g.out_channels, row}, x.options());
+      std::vector<const scalar_t*> sources(g.taps);
+      std::vector<scalar_t*> targets(g.taps);
+      std::vector<const scalar_t*> grad_rows(g.taps);
+      for (int64_t b = begin; b < end; ++b) {
+        const at::Tensor gy_b = gy[b].view({g.out_channels, g.locations});
+        const scalar_t* image = image_data + b * image_numel;
+        const scalar_t* m_image = m_data + b * m_numel;
+        for (int64_t l0 = 0; l0 < g.locations; l0 += tile) {
+          const int64_t count = std::min(tile, g.locations - l0);
+          const at::Tensor gy_tile = gy_b.narrow(1, l0, count);  // (O, count)
+          at::Tensor gm_tile = grad_mixed.narrow(0, 0, count);   // (count, HV * C)
+          at::mm_out(gm_tile, gy_tile.t(), w_taps);
+          mix_tile<scalar_t>(image, m_image, g, l0, count, mixed.data_ptr<scalar_t>(), sources);
+          grad_w.addmm_(gy_tile, mixed.narrow(0, 0, count));
+          unmix_tile<scalar_t>(image, m_image, g, l0, count, grad_mixed.data_ptr<scalar_t>(),
+                               grad_m_data + b * m_numel, grad_image_data + b * image_numel,
+                               sources, targets, grad_rows);
+        }
+      }
+      std::lock_guard<std::mutex> guard(chunks_lock);
+      grad_w_chunks.emplace(begin, grad_w);
+    });
+  });
+
+  // Sum the chunks in image order (deterministic whatever thread ran which chunk).
+  at::Tensor grad_w_taps;
+  for (auto& entry : grad_w_chunks) {
+    grad_w_taps = grad_w_taps.defined() ? grad_w_taps.add_(entry.second) : entry.second;
+  }
+  at::Tensor grad_weight = grad_w_taps.view({g.out_channels, g.kh, g.kw, g.channels})
+                               .permute({0, 3, 1, 2})
+                               .contiguous();
+  at::Tensor grad_x = grad_image.narrow(1, g.ph, g.height)
+                          .narrow(2, g.pw, g.width)
+                          .permute({0, 3, 1, 2})
+                          .contiguous();
+  return {grad_x, grad_weight, grad_m};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "fewshot_nsl: per-location bilinear convolution on the CPU (fused per tile)";
+  module.def("location_forward", &location_forward,
+             "y = per-location bilinear conv (x, weight, M, stride, padding, dilation, diagonal)");
+  module.def("location_backward", &location_backward,
+             "(grad_x, grad_weight, grad_M) of location_forward");
+}
