@@ -29,9 +29,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 # (channels, out_channels, kernel, stride, padding, dilation): the kernel's channel loops
-# have a 16-wide and a remainder part, so channel counts below, at and above 16 and 64.
+# have 16-wide blocks and a remainder, and 3x3 kernels their own loops, so channel counts
+# below, at and above 16 with 3x3 and other kernels.
 SHAPES = [
     (3, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (37, 5, (3, 3), (2, 2), (1, 1), (1, 1)),
     (16, 5, (3, 2), (2, 1), (0, 1), (1, 2)),
     (21, 6, (1, 1), (2, 2), (0, 0), (1, 1)),
     (70, 3, (5, 5), (1, 2), (2, 1), (2, 1)),

@@ -112,7 +112,7 @@ inline void tap_targets(scalar_t* image, const Geometry& g, int64_t l, scalar_t*
 // The inner loops run along the C channels of one tap (contiguous in the channels-last
 // input). Sums are kept in fixed-size local blocks, which the compiler vectorises without
 // reassociating any sum: every channel's result is added up in the same order as a naive loop.
-constexpr int64_t kBlock = 64;
+constexpr int64_t kBlock = 16;
 
 // dst[c] (+)= sum_q coef[q * coef_stride] * src[q][c] for c < C.
 template <typename scalar_t, bool kAccumulate>
@@ -141,6 +141,42 @@ inline void combine(scalar_t* __restrict__ dst, const scalar_t* const* src, cons
   }
 }
 
+// The same for all kTaps outputs at once (a 3x3 kernel: 9), with the taps' coefficients
+// coef(d, s) = m[d * d_stride + s * s_stride]: dst[d][c] (+)= sum_s coef(d, s) * src[s][c].
+// Each source block is loaded once and feeds every output's accumulator (kept in registers),
+// where the one-output loop above reloads every source for every output. Same summation
+// order per (d, c): ascending s, from zero or from dst.
+template <typename scalar_t, int64_t kTaps, bool kAccumulate>
+inline void combine_all(scalar_t* const* dst, const scalar_t* const* src, const scalar_t* m,
+                        int64_t d_stride, int64_t s_stride, int64_t C) {
+  constexpr int64_t kWidth = 16;
+  int64_t c0 = 0;
+  for (; c0 + kWidth <= C; c0 += kWidth) {
+    scalar_t acc[kTaps][kWidth];
+    for (int64_t d = 0; d < kTaps; ++d) {
+      for (int64_t j = 0; j < kWidth; ++j) acc[d][j] = kAccumulate ? dst[d][c0 + j] : scalar_t(0);
+    }
+    for (int64_t q = 0; q < kTaps; ++q) {
+      scalar_t block[kWidth];
+      for (int64_t j = 0; j < kWidth; ++j) block[j] = src[q][c0 + j];
+      for (int64_t d = 0; d < kTaps; ++d) {
+        const scalar_t w = m[d * d_stride + q * s_stride];
+        for (int64_t j = 0; j < kWidth; ++j) acc[d][j] += w * block[j];
+      }
+    }
+    for (int64_t d = 0; d < kTaps; ++d) {
+      for (int64_t j = 0; j < kWidth; ++j) dst[d][c0 + j] = acc[d][j];
+    }
+  }
+  for (; c0 < C; ++c0) {
+    for (int64_t d = 0; d < kTaps; ++d) {
+      scalar_t total = kAccumulate ? dst[d][c0] : scalar_t(0);
+      for (int64_t q = 0; q < kTaps; ++q) total += m[d * d_stride + q * s_stride] * src[q][c0];
+      dst[d][c0] = total;
+    }
+  }
+}
+
 // sum_c a[c] * b[c], in 16 interleaved partial sums (vectorisable, and the same order on
 // every call).
 template <typename scalar_t>
@@ -151,8 +187,12 @@ inline scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__
   for (; c + kLanes <= n; c += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[c + j] * b[c + j];
   }
-  scalar_t total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  // Pairwise halving (a fixed tree, vectorisable): a 16-step serial sum would make the
+  // 81 dot products of a 3x3 full-form location latency-bound.
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
+    for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
+  }
+  scalar_t total = acc[0];
   for (; c < n; ++c) total += a[c] * b[c];
   return total;
 }
@@ -174,6 +214,10 @@ void mix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& g,
         scalar_t* __restrict__ dst = row + k * C;
         for (int64_t c = 0; c < C; ++c) dst[c] = mk * src[c];
       }
+    } else if (HV == 9) {  // 3x3 kernels: all nine outputs per pass over the sources
+      scalar_t* outputs[9];
+      for (int64_t k = 0; k < 9; ++k) outputs[k] = row + k * C;
+      combine_all<scalar_t, 9, false>(outputs, sources.data(), m_image + l * 81, 9, 1, C);
     } else {
       const scalar_t* m = m_image + l * HV * HV;
       for (int64_t k = 0; k < HV; ++k) {
@@ -214,8 +258,12 @@ void unmix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& 
         for (int64_t q = 0; q < HV; ++q) gm[k * HV + q] = dot<scalar_t>(grad_rows[k], sources[q], C);
       }
       // grad_x[pos(l, q), c] += sum_k M[l, k, q] * grad_mixed[l, k, c]
-      for (int64_t q = 0; q < HV; ++q) {
-        combine<scalar_t, true>(targets[q], grad_rows.data(), m + q, HV, HV, C);
+      if (HV == 9) {
+        combine_all<scalar_t, 9, true>(targets.data(), grad_rows.data(), m, 1, 9, C);
+      } else {
+        for (int64_t q = 0; q < HV; ++q) {
+          combine<scalar_t, true>(targets[q], grad_rows.data(), m + q, HV, HV, C);
+        }
       }
     }
   }
