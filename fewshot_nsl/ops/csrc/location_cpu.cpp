@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -110,89 +111,93 @@ inline void tap_targets(scalar_t* image, const Geometry& g, int64_t l, scalar_t*
 }
 
 // The inner loops run along the C channels of one tap (contiguous in the channels-last
-// input). Sums are kept in fixed-size local blocks, which the compiler vectorises without
-// reassociating any sum: every channel's result is added up in the same order as a naive loop.
-constexpr int64_t kBlock = 16;
+// input), one 64-byte vector at a time (16 floats / 8 doubles: a 512-bit register where
+// the CPU has one; the compiler splits it elsewhere), through GCC/Clang vector extensions so
+// that the width does not depend on what the auto-vectoriser chooses. No sum is reassociated
+// across channels: every channel's result adds its terms in the same order as a naive loop.
+template <typename scalar_t>
+struct Lanes {
+  static constexpr int64_t kWidth = 64 / sizeof(scalar_t);
+  typedef scalar_t Vec __attribute__((vector_size(64)));
+};
 
-// dst[c] (+)= sum_q coef[q * coef_stride] * src[q][c] for c < C.
-template <typename scalar_t, bool kAccumulate>
-inline void combine(scalar_t* __restrict__ dst, const scalar_t* const* src, const scalar_t* coef,
-                    int64_t coef_stride, int64_t n, int64_t C) {
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t width = std::min(kBlock, C - c0);
-    scalar_t acc[kBlock];
-    if (width == kBlock) {
-      for (int64_t c = 0; c < kBlock; ++c) acc[c] = kAccumulate ? dst[c0 + c] : scalar_t(0);
-      for (int64_t q = 0; q < n; ++q) {
-        const scalar_t w = coef[q * coef_stride];
-        const scalar_t* __restrict__ s = src[q] + c0;
-        for (int64_t c = 0; c < kBlock; ++c) acc[c] += w * s[c];
-      }
-      for (int64_t c = 0; c < kBlock; ++c) dst[c0 + c] = acc[c];
-    } else {
-      for (int64_t c = 0; c < width; ++c) acc[c] = kAccumulate ? dst[c0 + c] : scalar_t(0);
-      for (int64_t q = 0; q < n; ++q) {
-        const scalar_t w = coef[q * coef_stride];
-        const scalar_t* __restrict__ s = src[q] + c0;
-        for (int64_t c = 0; c < width; ++c) acc[c] += w * s[c];
-      }
-      for (int64_t c = 0; c < width; ++c) dst[c0 + c] = acc[c];
-    }
-  }
+template <typename V, typename scalar_t>
+inline V load(const scalar_t* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
 }
 
-// The same for all kTaps outputs at once (a 3x3 kernel: 9), with the taps' coefficients
-// coef(d, s) = m[d * d_stride + s * s_stride]: dst[d][c] (+)= sum_s coef(d, s) * src[s][c].
-// Each source block is loaded once and feeds every output's accumulator (kept in registers),
-// where the one-output loop above reloads every source for every output. Same summation
-// order per (d, c): ascending s, from zero or from dst.
-template <typename scalar_t, int64_t kTaps, bool kAccumulate>
-inline void combine_all(scalar_t* const* dst, const scalar_t* const* src, const scalar_t* m,
-                        int64_t d_stride, int64_t s_stride, int64_t C) {
-  constexpr int64_t kWidth = 16;
+template <typename V, typename scalar_t>
+inline void store(scalar_t* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// dst[d][c] (+)= sum_s coef(d, s) * src[s][c] for d < kOutputs (or `outputs` when kOutputs
+// is 0), s < n, c < C, with coef(d, s) = m[d * d_stride + s * s_stride]. Each source block
+// is loaded once and feeds every output's accumulator (kept in registers). Per (d, c) the
+// terms are added for ascending s, from zero or from dst.
+template <typename scalar_t, int64_t kOutputs, bool kAccumulate>
+inline void combine(scalar_t* const* dst, const scalar_t* const* src, const scalar_t* m,
+                    int64_t d_stride, int64_t s_stride, int64_t n, int64_t C) {
+  using V = typename Lanes<scalar_t>::Vec;
+  constexpr int64_t W = Lanes<scalar_t>::kWidth;
   int64_t c0 = 0;
-  for (; c0 + kWidth <= C; c0 += kWidth) {
-    scalar_t acc[kTaps][kWidth];
-    for (int64_t d = 0; d < kTaps; ++d) {
-      for (int64_t j = 0; j < kWidth; ++j) acc[d][j] = kAccumulate ? dst[d][c0 + j] : scalar_t(0);
+  for (; c0 + W <= C; c0 += W) {
+    V acc[kOutputs];
+    for (int64_t d = 0; d < kOutputs; ++d) acc[d] = kAccumulate ? load<V>(dst[d] + c0) : V{};
+    for (int64_t q = 0; q < n; ++q) {
+      const V block = load<V>(src[q] + c0);
+      for (int64_t d = 0; d < kOutputs; ++d) acc[d] += m[d * d_stride + q * s_stride] * block;
     }
-    for (int64_t q = 0; q < kTaps; ++q) {
-      scalar_t block[kWidth];
-      for (int64_t j = 0; j < kWidth; ++j) block[j] = src[q][c0 + j];
-      for (int64_t d = 0; d < kTaps; ++d) {
-        const scalar_t w = m[d * d_stride + q * s_stride];
-        for (int64_t j = 0; j < kWidth; ++j) acc[d][j] += w * block[j];
-      }
-    }
-    for (int64_t d = 0; d < kTaps; ++d) {
-      for (int64_t j = 0; j < kWidth; ++j) dst[d][c0 + j] = acc[d][j];
-    }
+    for (int64_t d = 0; d < kOutputs; ++d) store(dst[d] + c0, acc[d]);
   }
   for (; c0 < C; ++c0) {
-    for (int64_t d = 0; d < kTaps; ++d) {
+    for (int64_t d = 0; d < kOutputs; ++d) {
       scalar_t total = kAccumulate ? dst[d][c0] : scalar_t(0);
-      for (int64_t q = 0; q < kTaps; ++q) total += m[d * d_stride + q * s_stride] * src[q][c0];
+      for (int64_t q = 0; q < n; ++q) total += m[d * d_stride + q * s_stride] * src[q][c0];
       dst[d][c0] = total;
     }
   }
 }
 
-// sum_c a[c] * b[c], in 16 interleaved partial sums (vectorisable, and the same order on
-// every call).
+// The sum of a vector's lanes by a fixed pairwise tree: halves added as vectors down to 16
+// bytes (the compiler keeps this in registers), then the last lanes pairwise.
+template <typename scalar_t, int64_t kBytes>
+inline scalar_t lane_sum(const scalar_t* lanes) {
+  if constexpr (kBytes <= 16) {
+    constexpr int64_t n = kBytes / sizeof(scalar_t);
+    scalar_t part[n];
+    std::memcpy(part, lanes, kBytes);
+    for (int64_t width = n / 2; width >= 1; width /= 2) {
+      for (int64_t j = 0; j < width; ++j) part[j] += part[j + width];
+    }
+    return part[0];
+  } else {
+    typedef scalar_t Half __attribute__((vector_size(kBytes / 2)));
+    Half low, high;
+    std::memcpy(&low, lanes, kBytes / 2);
+    std::memcpy(&high, lanes + kBytes / 2 / sizeof(scalar_t), kBytes / 2);
+    const Half sum = low + high;
+    scalar_t out[kBytes / 2 / sizeof(scalar_t)];
+    std::memcpy(out, &sum, kBytes / 2);
+    return lane_sum<scalar_t, kBytes / 2>(out);
+  }
+}
+
+// sum_c a[c] * b[c]: one vector of partial sums, then lane_sum (the same order on every
+// call; a serial 16-term sum would make the 81 dot products of a 3x3 full-form location
+// latency-bound), then the remainder.
 template <typename scalar_t>
-inline scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  scalar_t acc[kLanes] = {};
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using V = typename Lanes<scalar_t>::Vec;
+  constexpr int64_t W = Lanes<scalar_t>::kWidth;
+  V acc{};
   int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[c + j] * b[c + j];
-  }
-  // Pairwise halving (a fixed tree, vectorisable): a 16-step serial sum would make the
-  // 81 dot products of a 3x3 full-form location latency-bound.
-  for (int64_t width = kLanes / 2; width >= 1; width /= 2) {
-    for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
-  }
-  scalar_t total = acc[0];
+  for (; c + W <= n; c += W) acc += load<V>(a + c) * load<V>(b + c);
+  scalar_t lanes[W];
+  store(lanes, acc);
+  scalar_t total = lane_sum<scalar_t, sizeof(V)>(lanes);
   for (; c < n; ++c) total += a[c] * b[c];
   return total;
 }
@@ -206,22 +211,21 @@ void mix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& g,
     const int64_t l = l0 + t;
     tap_sources<scalar_t>(image, g, l, sources.data());
     scalar_t* row = mixed + t * HV * C;
-    if (g.diagonal) {
+    if (g.diagonal) {  // mixed[k] = M[k] * x[pos(k)]
       const scalar_t* m = m_image + l * HV;
       for (int64_t k = 0; k < HV; ++k) {
-        const scalar_t mk = m[k];
-        const scalar_t* __restrict__ src = sources[k];
-        scalar_t* __restrict__ dst = row + k * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] = mk * src[c];
+        scalar_t* out = row + k * C;
+        combine<scalar_t, 1, false>(&out, &sources[k], m + k, 0, 0, 1, C);
       }
-    } else if (HV == 9) {  // 3x3 kernels: all nine outputs per pass over the sources
+    } else if (HV == 9) {  // 3x3 kernels: all nine outputs per pass over the nine sources
       scalar_t* outputs[9];
       for (int64_t k = 0; k < 9; ++k) outputs[k] = row + k * C;
-      combine_all<scalar_t, 9, false>(outputs, sources.data(), m_image + l * 81, 9, 1, C);
-    } else {
+      combine<scalar_t, 9, false>(outputs, sources.data(), m_image + l * 81, 9, 1, 9, C);
+    } else {  // mixed[k] = sum_k' M[k, k'] x[pos(k')]
       const scalar_t* m = m_image + l * HV * HV;
       for (int64_t k = 0; k < HV; ++k) {
-        combine<scalar_t, false>(row + k * C, sources.data(), m + k * HV, 1, HV, C);
+        scalar_t* out = row + k * C;
+        combine<scalar_t, 1, false>(&out, sources.data(), m + k * HV, 0, 1, HV, C);
       }
     }
   }
@@ -240,29 +244,27 @@ void unmix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& 
     tap_sources<scalar_t>(image, g, l, sources.data());
     tap_targets<scalar_t>(grad_image, g, l, targets.data());
     const scalar_t* grow = grad_mixed + t * HV * C;
+    for (int64_t k = 0; k < HV; ++k) grad_rows[k] = grow + k * C;
     if (g.diagonal) {
       const scalar_t* m = m_image + l * HV;
       scalar_t* gm = grad_m_image + l * HV;
       for (int64_t k = 0; k < HV; ++k) {
-        const scalar_t* __restrict__ gk = grow + k * C;
-        scalar_t* __restrict__ dst = targets[k];
-        const scalar_t mk = m[k];
-        gm[k] = dot<scalar_t>(gk, sources[k], C);
-        for (int64_t c = 0; c < C; ++c) dst[c] += mk * gk[c];
+        gm[k] = dot<scalar_t>(grad_rows[k], sources[k], C);
+        // grad_x[pos(k)] += M[k] * grad_mixed[k]
+        combine<scalar_t, 1, true>(&targets[k], &grad_rows[k], m + k, 0, 0, 1, C);
       }
     } else {
       const scalar_t* m = m_image + l * HV * HV;
       scalar_t* gm = grad_m_image + l * HV * HV;
       for (int64_t k = 0; k < HV; ++k) {
-        grad_rows[k] = grow + k * C;
         for (int64_t q = 0; q < HV; ++q) gm[k * HV + q] = dot<scalar_t>(grad_rows[k], sources[q], C);
       }
-      // grad_x[pos(l, q), c] += sum_k M[l, k, q] * grad_mixed[l, k, c]
+      // grad_x[pos(q)] += sum_k M[k, q] * grad_mixed[k]
       if (HV == 9) {
-        combine_all<scalar_t, 9, true>(targets.data(), grad_rows.data(), m, 1, 9, C);
+        combine<scalar_t, 9, true>(targets.data(), grad_rows.data(), m, 1, 9, 9, C);
       } else {
         for (int64_t q = 0; q < HV; ++q) {
-          combine<scalar_t, true>(targets[q], grad_rows.data(), m + q, HV, HV, C);
+          combine<scalar_t, 1, true>(&targets[q], grad_rows.data(), m + q, 0, HV, HV, C);
         }
       }
     }
