@@ -1,4 +1,4 @@
-// Per-location bilinear convolution on the CPU: forward and backward, fused per tile.
+// Per-location bilinear convolution on the CPU: forward and backward, fused per group of images.
 //
 //   y[b, o, l] = sum_{c, k} W[o, c, k] * mixed[b, l, k, c],
 //   mixed[b, l, k, c] = sum_k' M[b, l, k, k'] * x[b, c, pos(l, k')]      (full M)
