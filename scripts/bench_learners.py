@@ -56,6 +56,13 @@ CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
         {"name": "dynamic_nsn"},
         {"kind": "dynamic", "granularity": "location"},
     ),
+    # The per-location predictor's first conv has `hidden` (64) outputs at the layer's full
+    # resolution, twice a Conv-4-32 layer's multiply-adds: this row shows its share.
+    (
+        "dynamic_nsn/location/hidden16",
+        {"name": "dynamic_nsn"},
+        {"kind": "dynamic", "granularity": "location", "hidden": 16},
+    ),
 ]
 #: Targets relative to plain MAML (issue 14: dynamic NSN per location ≤ 2.5×).
 TARGETS = {"static_nsn": 1.15, "dynamic_nsn/sample": 1.5, "dynamic_nsn/location": 2.5}

@@ -5,9 +5,9 @@ rows at the Conv-4 shapes of an 84x84 5-way episode (``--location-shapes``). GPU
 cuda``): the Conv-4 and ResNet-12 layer shapes at batch 80 and 256, adding the CUDA kernel
 (forced through ``FEWSHOT_NSL_BACKEND``) next to the torch fast path and the reference.
 
-Per-location rows: the dispatched torch path (row bands for large diagonal maps,
-``torch_paths.location_tile_rows``), and each formulation forced: the whole map at once
-("untiled") and row bands ("tiled", the dispatcher's band size, else 4 rows).
+Per-location rows: the pure-torch path (``FEWSHOT_NSL_BACKEND=torch``: the whole tap stack
+unfolded, mixed, contracted by a 1x1 convolution) and, on the CPU, the fused C++ kernel
+(``cpp``, ``ops/csrc/location_cpu.cpp``; compiled on first use, skipped if it does not build).
 
 Method (``benchtools``): wall-clock time; every round runs each row once, interleaved with
 the order rotated, after one warm-up call per row; the table gives the median [min-max] time
@@ -35,13 +35,8 @@ import torch.nn.functional as F
 from benchtools import interleaved_seconds, load_guard, load_report, median_range, paired_ratios
 
 from fewshot_nsl.ops import BACKEND_ENV, ConvGeometry, backend, bilinear_conv2d, effective_weight
-from fewshot_nsl.ops.torch_paths import (
-    _location_tiled_torch,
-    _location_torch,
-    _sample_grouped_torch,
-    _sample_unfold_torch,
-    location_tile_rows,
-)
+from fewshot_nsl.ops.extension import cpu_kernel_available
+from fewshot_nsl.ops.torch_paths import _sample_grouped_torch, _sample_unfold_torch
 
 # (label, in_channels, out_channels, spatial size) per GPU preset.
 GPU_PRESETS: dict[str, list[tuple[str, int, int, int]]] = {
@@ -126,19 +121,6 @@ def make_rows(
 
         return run
 
-    def location_forced(M: torch.Tensor, diagonal: bool, tiled: bool) -> Callable[[], None]:
-        # One per-location formulation forced, whatever location_tile_rows would pick.
-        rows = location_tile_rows(x, weight, (size, size), diagonal) or 4
-
-        def run() -> None:
-            if tiled:
-                out = _location_tiled_torch(x, weight, M, geometry, diagonal, rows)
-            else:
-                out = _location_torch(x, weight, M, geometry, diagonal)
-            out.backward(grad_out)
-
-        return run
-
     def plain() -> None:
         F.conv2d(x, weight, None, 1, 1).backward(grad_out)
 
@@ -155,14 +137,14 @@ def make_rows(
         Row("  forced: unfold + 1x1 conv", sample_path(_sample_unfold_torch), "torch"),
         Row("per-location diagonal, torch", op(m_loc_diag, "location", True), "torch"),
         Row("per-location full, torch", op(m_loc_full, "location", False), "torch"),
-        Row("  forced: untiled, diagonal", location_forced(m_loc_diag, True, False), "torch"),
-        Row("  forced: tiled, diagonal", location_forced(m_loc_diag, True, True), "torch"),
-        Row("  forced: untiled, full", location_forced(m_loc_full, False, False), "torch"),
-        Row("  forced: tiled, full", location_forced(m_loc_full, False, True), "torch"),
     ]
+    if device.type == "cpu" and cpu_kernel_available():
+        rows += [
+            Row("per-location diagonal, cpp", op(m_loc_diag, "location", True), "cpp"),
+            Row("per-location full, cpp", op(m_loc_full, "location", False), "cpp"),
+        ]
     if location_only:
-        keep = ("plain", "per-location", "  forced: untiled", "  forced: tiled")
-        rows = [row for row in rows if row.name.startswith(keep)]
+        rows = [row for row in rows if row.name.startswith(("plain", "per-location"))]
     if with_cuda:
         rows += [
             Row("per-sample full, cuda", op(m_sample, "sample", False), "cuda"),
@@ -257,7 +239,7 @@ def main() -> None:
     print(
         f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{rounds} interleaved rounds (+1 warm-up), wall-clock time, auto backend: "
-        f"{backend(device)}"
+        f"{backend(device)} (per sample), {backend(device, 'location')} (per location)"
     )
     if on_gpu and not with_cuda:
         print("CUDA extension unavailable: CUDA rows skipped")

@@ -246,8 +246,8 @@ def test_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
 
     monkeypatch.delenv(extension_loader.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(extension_loader, "_import_prebuilt", lambda: None)
-    monkeypatch.setattr(extension_loader, "_jit_build", failing_build)
+    monkeypatch.setattr(extension_loader._cuda, "_import_prebuilt", lambda: None)
+    monkeypatch.setattr(extension_loader._cuda, "_jit_build", failing_build)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert extension_loader.cuda_available() is False
@@ -269,7 +269,7 @@ def test_real_loader_explains_a_cpu_only_torch(fresh_loader, monkeypatch):
     """With a GPU faked, the real JIT loader refuses (without compiling) and says why."""
     monkeypatch.delenv(extension_loader.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(extension_loader, "_import_prebuilt", lambda: None)
+    monkeypatch.setattr(extension_loader._cuda, "_import_prebuilt", lambda: None)
     with pytest.warns(RuntimeWarning, match="built without CUDA"):
         assert extension_loader.cuda_available() is False
 
@@ -278,22 +278,24 @@ def test_prebuilt_module_is_preferred_over_a_jit_build(fresh_loader, monkeypatch
     prebuilt = types.ModuleType("prebuilt")
     monkeypatch.delenv(extension_loader.DISABLE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(extension_loader, "_import_prebuilt", lambda: prebuilt)
+    monkeypatch.setattr(extension_loader._cuda, "_import_prebuilt", lambda: prebuilt)
 
     def must_not_build(verbose):
         raise AssertionError("the prebuilt module must be used")
 
-    monkeypatch.setattr(extension_loader, "_jit_build", must_not_build)
+    monkeypatch.setattr(extension_loader._cuda, "_jit_build", must_not_build)
     assert extension_loader.load_extension() is prebuilt
     assert extension_loader.cuda_available() is True
 
 
 def test_build_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_ext"))
-    assert extension_loader._build_directory() is None  # torch then uses $TORCH_EXTENSIONS_DIR
+    assert (
+        extension_loader._build_directory("cuda") is None
+    )  # torch then uses $TORCH_EXTENSIONS_DIR
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    folder = Path(extension_loader._build_directory())
+    folder = Path(extension_loader._build_directory("cuda"))
     assert folder.is_dir() and folder.parent == tmp_path / "fewshot_nsl" / "torch_extensions"
     assert torch.__version__.split("+")[0] in folder.name
 
@@ -305,7 +307,7 @@ def test_disable_env_skips_the_extension_silently(fresh_loader, monkeypatch):
     def must_not_build(verbose):
         raise AssertionError("the build must not be attempted")
 
-    monkeypatch.setattr(extension_loader, "_jit_build", must_not_build)
+    monkeypatch.setattr(extension_loader._cuda, "_jit_build", must_not_build)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert extension_loader.cuda_available() is False

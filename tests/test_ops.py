@@ -340,7 +340,7 @@ def test_dispatcher_uses_cuda_module_when_usable(monkeypatch):
     monkeypatch.setattr(bilinear_module, "bilinear_conv2d_custom_op", fake_custom_op)
     assert backend("cuda") == "cuda"
     assert backend("cpu") == "torch"
-    monkeypatch.setattr(bilinear_module, "backend", lambda device: "cuda")
+    monkeypatch.setattr(bilinear_module, "backend", lambda device, granularity: "cuda")
     x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
     weight = torch.randn(2, 3, 3, 3, dtype=DTYPE)
     bias = torch.randn(2, dtype=DTYPE)
@@ -357,75 +357,3 @@ def test_output_size_matches_conv2d():
     for kernel, stride, padding, dilation in [((3, 3), 2, 1, 1), ((5, 3), (1, 2), (2, 0), (1, 3))]:
         expected = F.conv2d(x, torch.randn(1, 1, *kernel), None, stride, padding, dilation)
         assert output_size((11, 9), kernel, stride, padding, dilation) == tuple(expected.shape[2:])
-
-
-@pytest.mark.parametrize("tile_rows", [1, 3, 100])
-@pytest.mark.parametrize("diagonal", [False, True])
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g) for g in GEOMETRIES])
-def test_location_tiled_matches_reference(tile_rows, diagonal, geometry):
-    """The row-band candidate path of issue 14 is exact on every geometry and band size."""
-    channels, out_ch, kernel, stride, padding, dilation, batch = geometry
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(batch, channels, 9, 8, dtype=DTYPE, generator=gen)
-    weight = torch.randn(out_ch, channels, kh, kw, dtype=DTYPE, generator=gen)
-    geom = canonical_geometry((kh, kw), stride, padding, dilation)
-    out_hw = output_size(x.shape[2:], (kh, kw), *geom)
-    M = random_m("location", diagonal, batch, channels, kh * kw, out_hw, gen)
-    expected = bilinear_conv2d_reference(x, weight, M, geom, "location", diagonal)
-    out = torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, tile_rows)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("diagonal", [False, True])
-def test_location_tiled_gradcheck_and_second_derivatives(diagonal):
-    """First derivatives by gradcheck; second-order MAML differentiates the op twice:
-    gradgradcheck."""
-    gen = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 2, 4, 3, dtype=DTYPE, generator=gen, requires_grad=True)
-    weight = torch.randn(2, 2, 2, 2, dtype=DTYPE, generator=gen, requires_grad=True)
-    geom = ConvGeometry((1, 1), (1, 0), (1, 1))
-    M = random_m("location", diagonal, 2, 2, 4, (5, 2), gen).requires_grad_()
-
-    def op(x, weight, M):
-        return torch_paths._location_tiled_torch(x, weight, M, geom, diagonal, 2)
-
-    assert torch.autograd.gradcheck(op, (x, weight, M))
-    assert torch.autograd.gradgradcheck(op, (x, weight, M))
-
-
-def test_location_tile_rows_chooses_bands_for_large_diagonal_maps(monkeypatch):
-    x, weight = torch.empty(20, 32, 84, 84), torch.empty(32, 32, 3, 3)
-    # Off by default (slower at low load on the 2-core CPU): never bands.
-    assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=True) is None
-    monkeypatch.setattr(torch_paths, "LOCATION_TILE_MIN_BYTES", 64 * 2**20)  # as it was
-    # 20 * 32 * 9 * 84 * 4 bytes = 1.9 MiB a row, 162 MiB the map: bands of 16 MiB = 8 rows
-    assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=True) == 8
-    assert torch_paths.location_tile_rows(x, weight, (84, 84), diagonal=False) is None
-    assert torch_paths.location_tile_rows(x[:4], weight, (21, 21), diagonal=True) is None
-
-
-@pytest.mark.parametrize("diagonal", [False, True])
-def test_dispatched_location_path_matches_reference(monkeypatch, diagonal):
-    """bilinear_conv2d on CPU takes the row bands when the chooser says so (thresholds lowered
-    to this small shape) and stays exact, bias included."""
-    monkeypatch.setattr(torch_paths, "LOCATION_TILE_MIN_BYTES", 0)
-    monkeypatch.setattr(torch_paths, "LOCATION_TILE_BAND_BYTES", 1)
-    monkeypatch.setenv(BACKEND_ENV, "auto")
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(3, 4, 7, 6, dtype=DTYPE, generator=gen)
-    weight = torch.randn(5, 4, 3, 3, dtype=DTYPE, generator=gen)
-    bias = torch.randn(5, dtype=DTYPE, generator=gen)
-    M = random_m("location", diagonal, 3, 4, 9, (7, 6), gen)
-    calls = []
-    tiled = torch_paths._location_tiled_torch
-    monkeypatch.setattr(
-        torch_paths,
-        "_location_tiled_torch",
-        lambda *args: calls.append(args[-1]) or tiled(*args),
-    )
-    out = bilinear_conv2d(x, weight, M, bias, 1, 1, granularity="location", diagonal=diagonal)
-    geom = ConvGeometry((1, 1), (1, 1), (1, 1))
-    expected = bilinear_conv2d_reference(x, weight, M, geom, "location", diagonal)
-    torch.testing.assert_close(out, expected + bias.view(1, -1, 1, 1), rtol=1e-10, atol=1e-10)
-    assert calls == ([1] if diagonal else [])  # full form: never tiled

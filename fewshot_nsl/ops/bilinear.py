@@ -19,9 +19,10 @@ The granularity is explicit because shapes alone are ambiguous (e.g. ``C == B``)
 A diagonal ``M`` is the full form with those numbers on the diagonal. ``M=None`` is the
 identity (a plain convolution).
 
-Paths: the reference and fast torch paths (:mod:`fewshot_nsl.ops.torch_paths`) and, for
-"sample"/"location" inputs on a GPU, the custom op backed by the CUDA extension
-(:mod:`fewshot_nsl.ops.custom_op`, :mod:`fewshot_nsl.ops.extension`).
+Paths: the reference and fast torch paths (:mod:`fewshot_nsl.ops.torch_paths`) and the
+custom op (:mod:`fewshot_nsl.ops.custom_op`, :mod:`fewshot_nsl.ops.extension`), backed by the
+CUDA extension for "sample"/"location" inputs on a GPU and by the CPU kernel for "location"
+inputs on the CPU.
 :func:`bilinear_conv2d` validates and canonicalises the arguments once and dispatches;
 :func:`backend` says which path runs the per-sample/per-location forms on a device.
 """
@@ -39,10 +40,11 @@ from fewshot_nsl.ops.custom_op import bilinear_conv2d_custom_op
 from fewshot_nsl.ops.geometry import IntPair, Padding, canonical_geometry, validate
 from fewshot_nsl.ops.torch_paths import bilinear_conv2d_reference, bilinear_conv2d_torch
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "reference", "cuda")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "reference", "cuda", "cpp")
 BACKEND_ENV = "FEWSHOT_NSL_BACKEND"
 
 _warned_cuda_unavailable = False
+_warned_cpp_unavailable = False
 
 
 def _forced_backend() -> str:
@@ -58,35 +60,73 @@ def _cuda_usable() -> bool:
     return extension.cuda_available()
 
 
-def backend(device: torch.device | str = "cpu") -> str:
+def _cpp_usable() -> bool:
+    return extension.cpu_kernel_available()
+
+
+def _under_func_transform() -> bool:
+    """Whether this call runs inside a ``torch.func`` transform (``vmap``/``grad``, e.g. the
+    vectorised meta-batch): the custom op has no functorch rules there, so the compiled
+    kernels stand aside and the torch path (plain differentiable operations) runs."""
+    stack = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return stack is not None and stack() is not None
+
+
+def _warn_fallback_once(kind: str, reason: str) -> None:
+    global _warned_cuda_unavailable, _warned_cpp_unavailable
+    if kind == "cuda":
+        if _warned_cuda_unavailable:
+            return
+        _warned_cuda_unavailable = True
+    else:
+        if _warned_cpp_unavailable:
+            return
+        _warned_cpp_unavailable = True
+    warnings.warn(
+        f"{BACKEND_ENV}={kind} but {reason}; using the torch path instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def backend(device: torch.device | str = "cpu", granularity: str = "sample") -> str:
     """Which path runs the per-sample/per-location forms on ``device``.
 
-    Returns ``"cuda"``, ``"torch"`` or ``"reference"``. The environment variable
-    ``FEWSHOT_NSL_BACKEND`` (``auto`` | ``torch`` | ``reference`` | ``cuda``) forces one;
-    ``auto`` picks the CUDA kernel for CUDA tensors when it is available, the torch path
-    otherwise. ``cuda`` forced on a CPU device, or without a usable extension, falls back to
-    ``torch`` with a single warning (never an error). The "shared"/"channel" forms always run
-    the effective-kernel torch path (already a single plain convolution), except under
+    Returns ``"cuda"``, ``"cpp"``, ``"torch"`` or ``"reference"``. The environment variable
+    ``FEWSHOT_NSL_BACKEND`` (``auto`` | ``torch`` | ``reference`` | ``cuda`` | ``cpp``) forces
+    one; ``auto`` picks the CUDA kernel for CUDA tensors when it is available, the CPU kernel
+    (``cpp``, compiled on first use) for the per-location form of CPU tensors when it builds,
+    the torch path otherwise. ``cuda``/``cpp`` forced where that kernel cannot serve (another
+    device, the per-sample form for ``cpp``, no usable build) falls back to ``torch`` with a
+    single warning (never an error). The "shared"/"channel" forms always run the
+    effective-kernel torch path (already a single plain convolution), except under
     ``reference``.
     """
-    global _warned_cuda_unavailable
     forced = _forced_backend()
     if forced in ("torch", "reference"):
         return forced
     on_cuda = torch.device(device).type == "cuda"
+    cpp_serves = not on_cuda and granularity == "location"
     if forced == "auto":
-        return "cuda" if on_cuda and _cuda_usable() else "torch"
-    # forced == "cuda"
-    if on_cuda and _cuda_usable():
-        return "cuda"
-    if not _warned_cuda_unavailable:
-        _warned_cuda_unavailable = True
+        if on_cuda:
+            return "cuda" if _cuda_usable() else "torch"
+        return "cpp" if cpp_serves and _cpp_usable() else "torch"
+    if forced == "cuda":
+        if on_cuda and _cuda_usable():
+            return "cuda"
         reason = "the extension is unavailable" if on_cuda else "the input is not on a CUDA device"
-        warnings.warn(
-            f"{BACKEND_ENV}=cuda but {reason}; using the torch path instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _warn_fallback_once("cuda", reason)
+        return "torch"
+    # forced == "cpp"
+    if cpp_serves and _cpp_usable():
+        return "cpp"
+    if on_cuda:
+        reason = "the input is on a CUDA device"
+    elif not cpp_serves:
+        reason = "the CPU kernel serves only granularity='location'"
+    else:
+        reason = "the CPU kernel is unavailable"
+    _warn_fallback_once("cpp", reason)
     return "torch"
 
 
@@ -127,10 +167,12 @@ def bilinear_conv2d(
     validate(x, weight, M, bias, geometry, granularity, diagonal)
 
     per_image = M is not None and granularity in ("sample", "location")
-    path = backend(x.device) if per_image else _forced_backend()
+    path = backend(x.device, granularity) if per_image else _forced_backend()
+    if path in ("cuda", "cpp") and _under_func_transform():
+        path = "torch"
     if path == "reference":
         out = bilinear_conv2d_reference(x, weight, M, geometry, granularity, diagonal)
-    elif path == "cuda" and per_image:
+    elif path in ("cuda", "cpp") and per_image:
         # The custom op does not take part in autocast: give it one dtype (x's).
         out = bilinear_conv2d_custom_op(
             x, weight.to(x.dtype), M.to(x.dtype), geometry, granularity, diagonal

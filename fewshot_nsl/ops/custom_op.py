@@ -3,10 +3,11 @@
 Registers ``fewshot_nsl::bilinear_conv2d`` and ``fewshot_nsl::bilinear_conv2d_backward``
 (torch >= 2.4) with a fake (meta) implementation for ``torch.compile``, autograd through
 ``register_autograd`` (the backward is itself differentiable, so MAML's second-order inner
-loops work), the pure-torch paths (:mod:`fewshot_nsl.ops.torch_paths`) as the CPU
-implementation and the CUDA extension (:mod:`fewshot_nsl.ops.extension`) as the CUDA one; on
-a GPU without a usable extension the torch implementation runs. Older torch gets a
-first-order :class:`BilinearConv2dFunction`.
+loops work), the CUDA extension (:mod:`fewshot_nsl.ops.extension`) as the CUDA
+implementation and, for the per-location form in float32/float64, the CPU kernel
+(``csrc/location_cpu.cpp``) as the CPU one; every other case, and a device whose compiled
+kernel did not build, runs the pure-torch paths (:mod:`fewshot_nsl.ops.torch_paths`).
+Older torch gets a first-order :class:`BilinearConv2dFunction`.
 
 The ops' schema is ``(x, weight, M, stride, padding, dilation, granularity, diagonal)`` with
 ``granularity`` "sample" or "location"; :func:`bilinear_conv2d_custom_op` is the entry point
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fewshot_nsl.ops.extension import binding_arguments, load_extension
+from fewshot_nsl.ops.extension import binding_arguments, load_cpu_extension, load_extension
 from fewshot_nsl.ops.geometry import ConvGeometry, validate
 from fewshot_nsl.ops.torch_paths import backward_torch, bilinear_conv2d_torch
 
@@ -92,15 +93,55 @@ def _backward_cuda(
     return tuple(ext.backward(grad_y, x, weight, M, *args))
 
 
+#: dtypes the CPU kernel (``csrc/location_cpu.cpp``) is compiled for; others run the torch path.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpu_kernel(x: Tensor, granularity: str):
+    """The CPU extension if it serves this call (per-location, float32/float64), else ``None``."""
+    if granularity != "location" or x.dtype not in CPU_KERNEL_DTYPES:
+        return None
+    return load_cpu_extension()
+
+
+def _forward_cpu(
+    x: Tensor, weight: Tensor, M: Tensor, stride, padding, dilation, granularity, diagonal
+) -> Tensor:
+    ext = _cpu_kernel(x, granularity)
+    if ext is None:
+        return _forward_torch(x, weight, M, stride, padding, dilation, granularity, diagonal)
+    return ext.location_forward(x, weight, M, list(stride), list(padding), list(dilation), diagonal)
+
+
+def _backward_cpu(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    M: Tensor,
+    stride,
+    padding,
+    dilation,
+    granularity,
+    diagonal,
+) -> tuple[Tensor, Tensor, Tensor]:
+    ext = _cpu_kernel(x, granularity)
+    if ext is None:
+        return _backward_torch(
+            grad_y, x, weight, M, stride, padding, dilation, granularity, diagonal
+        )
+    geometry = (list(stride), list(padding), list(dilation))
+    return tuple(ext.location_backward(grad_y, x, weight, M, *geometry, diagonal))
+
+
 def _forward_impl(x: Tensor, weight: Tensor, M: Tensor, *arguments) -> Tensor:
-    impl = _forward_cuda if x.is_cuda else _forward_torch
+    impl = _forward_cuda if x.is_cuda else _forward_cpu
     return impl(x, weight, M, *arguments)
 
 
 def _backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, *arguments
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _backward_cuda if x.is_cuda else _backward_torch
+    impl = _backward_cuda if x.is_cuda else _backward_cpu
     return impl(grad_y, x, weight, M, *arguments)
 
 
@@ -191,6 +232,8 @@ if HAS_CUSTOM_OP:
 
     _bilinear_conv2d_op.register_kernel("cuda")(_forward_cuda)
     _bilinear_conv2d_backward_op.register_kernel("cuda")(_backward_cuda)
+    _bilinear_conv2d_op.register_kernel("cpu")(_forward_cpu)
+    _bilinear_conv2d_backward_op.register_kernel("cpu")(_backward_cpu)
 
     @_bilinear_conv2d_op.register_fake
     def _(x, weight, M, stride, padding, dilation, granularity, diagonal):
@@ -271,7 +314,8 @@ def bilinear_conv2d_custom_op(
     Returns:
         ``(B, O, H_out, W_out)``, no bias. Differentiable w.r.t. ``x``, ``weight`` and ``M``
         (to any order with torch >= 2.4). On a CUDA tensor the extension runs when it loaded
-        (else the torch implementation); on CPU the op's torch implementation runs.
+        (else the torch implementation); on CPU the C++ kernel runs the per-location form in
+        float32/float64 when it built, the torch implementation everything else.
 
     Raises:
         ValueError: a bad granularity, shape, geometry, dtype or device (the message names

@@ -11,8 +11,9 @@ the shapes of ``M`` are in :mod:`fewshot_nsl.ops`.
   (one ``F.conv2d`` grouped over the batch) or, for small output maps, mixes the unfolded taps
   per image and contracts them in one 1x1 convolution (:func:`_sample_prefers_unfold` picks
   by layer shape); ``location`` mixes the unfolded taps per output location and contracts them
-  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order); row
-  bands for large diagonal maps exist (:func:`location_tile_rows`) but are off by default.
+  with ``W`` in one 1x1 convolution (see :func:`_location_torch` for why this order). On the
+  CPU the per-location form runs a fused C++ kernel instead when it builds
+  (``csrc/location_cpu.cpp``, dispatched by :func:`fewshot_nsl.ops.bilinear.backend`).
 * :func:`backward_torch`: ``(grad_x, grad_weight, grad_M)`` of the ``sample``/``location``
   forms by explicit formulas, the same decomposition as the CUDA kernels (the custom op's CPU
   backward, so the CPU tests also check the kernels' algebra).
@@ -147,75 +148,6 @@ def _location_torch(
     return contract_taps(mixed, weight, (h_out, w_out))
 
 
-#: The per-location *diagonal* form runs in row bands (:func:`_location_tiled_torch`) when the
-#: whole map's tap stack ``B * C * HV * L`` would exceed this many bytes; ``None``: never.
-#: Off by default: under load the bands measured 0.82-0.86x the whole-map time at a 162 MiB
-#: stack, but at low load (2026-12-03, docs/benchmarks/ops.md) they were slower at every
-#: Conv-4 shape (1.14x at batch 80 / 42x42 / 32 channels, 1.08x at 84x84 / 64 channels).
-#: The full form is never banded (its bands measured 0.75-1.15x under load, slower at low load).
-LOCATION_TILE_MIN_BYTES: int | None = None
-#: Target bytes of one band's tap stack; its rows = this // bytes of one output row (>= 1).
-#: Bands of 8 rows (15 MiB) measured faster than of 4 or 2 at 84x84.
-LOCATION_TILE_BAND_BYTES = 16 * 2**20
-#: Output rows per band when :func:`_location_tiled_torch` is called without a band size.
-LOCATION_TILE_ROWS = 4
-
-
-def location_tile_rows(
-    x: Tensor, weight: Tensor, out_hw: tuple[int, int], diagonal: bool
-) -> int | None:
-    """Rows per band for the per-location op on this shape, or ``None`` for the whole map
-    at once (:func:`_location_torch`); see :data:`LOCATION_TILE_MIN_BYTES`."""
-    if not diagonal or LOCATION_TILE_MIN_BYTES is None:
-        return None
-    batch, channels = x.shape[:2]
-    taps = weight.shape[2] * weight.shape[3]
-    row_bytes = batch * channels * taps * out_hw[1] * x.element_size()
-    if row_bytes * out_hw[0] <= LOCATION_TILE_MIN_BYTES:
-        return None
-    return max(1, LOCATION_TILE_BAND_BYTES // row_bytes)
-
-
-def _location_tiled_torch(
-    x: Tensor,
-    weight: Tensor,
-    M: Tensor,
-    geometry: ConvGeometry,
-    diagonal: bool,
-    tile_rows: int = LOCATION_TILE_ROWS,
-) -> Tensor:
-    """:func:`_location_torch` over bands of ``tile_rows`` output rows.
-
-    The input is zero-padded once; each band unfolds only the input rows it reads, mixes them
-    with its rows of ``M`` and contracts them with ``W`` (one matmul), so the ``C * HV``
-    tap stack exists one band at a time (small enough to stay in cache) instead of for the
-    whole map. Same arithmetic as :func:`_location_torch` (other rounding: one matmul per
-    band in place of a 1x1 convolution); dispatched by :func:`location_tile_rows`.
-    """
-    batch, channels = x.shape[:2]
-    out_ch, _, kh, kw = weight.shape
-    taps = kh * kw
-    (sh, sw), (ph, pw), (dh, dw) = geometry
-    h_out, w_out = M.shape[1:3]
-    padded = F.pad(x, (pw, pw, ph, ph))
-    w_flat = weight.reshape(out_ch, channels * taps)
-    band_geometry = ConvGeometry((sh, sw), (0, 0), (dh, dw))
-    bands = []
-    for row in range(0, h_out, tile_rows):
-        rows = min(tile_rows, h_out - row)
-        first = row * sh
-        last = (row + rows - 1) * sh + dh * (kh - 1)
-        cols = unfold_taps(padded[:, :, first : last + 1], (kh, kw), band_geometry)
-        m_band = M[:, row : row + rows].reshape(batch, rows * w_out, *M.shape[3:])
-        if diagonal:
-            mixed = cols * m_band.transpose(1, 2).unsqueeze(1)
-        else:
-            mixed = torch.einsum("blkq,bcql->bckl", m_band, cols)
-        band = torch.matmul(w_flat, mixed.reshape(batch, channels * taps, rows * w_out))
-        bands.append(band.view(batch, out_ch, rows, w_out))
-    return torch.cat(bands, dim=2)
-
-
 def _sample_prefers_unfold(out_channels: int, out_hw: tuple[int, int]) -> bool:
     """Whether the per-sample op should take the unfold path for this layer shape.
 
@@ -310,11 +242,7 @@ def bilinear_conv2d_torch(
         return F.conv2d(x, eff, bias, *geometry)
     if granularity == "sample":
         return _sample_torch(x, weight, M, bias, geometry, diagonal)
-    rows = location_tile_rows(x, weight, tuple(M.shape[1:3]), diagonal)
-    if rows is None:
-        out = _location_torch(x, weight, M, geometry, diagonal)
-    else:
-        out = _location_tiled_torch(x, weight, M, geometry, diagonal, rows)
+    out = _location_torch(x, weight, M, geometry, diagonal)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
