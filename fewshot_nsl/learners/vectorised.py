@@ -30,10 +30,12 @@ buffers), reported by vmap itself. The training loop (``train.meta_batch``,
 
 Speed on this 2-core CPU (docs/benchmarks.md, issue 14): the folded form is faster than the
 sequential loop where each task is small (the Omniglot reference: Conv-4-64, 1 query per
-class, 28×28 grey, meta-batch 32: 1.3× at one thread, measured under load), about as fast
-at Conv-4-32 28×28 with 15 queries per class, and slower at 84×84, where one task's
-convolutions already keep a core busy and a meta-batch's maps no longer fit in cache. The
-vmap form is slower than the sequential loop at every measured shape.
+class, 28×28 grey, meta-batch 32: 1.2-1.4× at one thread, 1.75-1.97× at two, measured
+under load), where it removes the sequential loop's per-operation overhead; it is 0.91-1.00×
+at Conv-4-32 with 15 queries per class (28×28 and 84×84), where each task's operations
+are already large and bound by arithmetic and memory traffic, which folding does not
+reduce. The vmap form was slower than the sequential loop at Conv-4-32 (0.14-0.77×) and
+1.07× (one thread) / 1.86× (two) at the Omniglot shapes.
 """
 
 from __future__ import annotations
