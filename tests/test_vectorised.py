@@ -18,6 +18,7 @@ from fewshot_nsl.fewshot_config import resolve_fewshot_config
 from fewshot_nsl.learners import MAML, vectorised
 from fewshot_nsl.learners.base import SEQUENTIAL_REASONS_WARNED
 from fewshot_nsl.learners.vectorised import (
+    GroupedConv2d,
     sequential_meta_loss,
     task_folded_meta_loss,
     task_folded_supported,
@@ -170,6 +171,30 @@ def test_vectorised_meta_loss_folds_a_plain_conv4_only(monkeypatch: pytest.Monke
     for kind, conv in (("plain", {}), ("static", {}), ("dynamic", {"granularity": "sample"})):
         vectorised_meta_loss(MAML(tiny_conv4(kind, **conv), WAY).train(), episodes)
     assert taken == ["task_folded_meta_loss", "vmap_meta_loss", "vmap_meta_loss"]
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation, side", [(2, 0, 1, 8), (1, 1, 2, 7), (2, 1, 1, 7)]
+)
+def test_grouped_conv_equals_conv2d_and_has_exact_derivatives(
+    stride: int, padding: int, dilation: int, side: int
+) -> None:
+    """GroupedConv2d (input gradient by a transposed convolution) computes F.conv2d, and its
+    first and second derivatives match finite differences: strided with a remainder the
+    windows miss (output_padding), padded and dilated; 2 groups."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, side, side, dtype=torch.float64, generator=generator)
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=generator)
+    pair = (stride, stride), (padding, padding), (dilation, dilation)
+
+    def op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return GroupedConv2d.apply(x, weight, *pair, 2)
+
+    expected = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, 2)
+    torch.testing.assert_close(op(x, weight), expected, rtol=1e-12, atol=1e-12)
+    inputs = (x.requires_grad_(), weight.requires_grad_())
+    assert torch.autograd.gradcheck(op, inputs)
+    assert torch.autograd.gradgradcheck(op, inputs)
 
 
 def test_falls_back_with_one_warning_where_vmap_cannot_apply() -> None:

@@ -13,7 +13,7 @@ inner loop as through the sequential loop (second order unless ``first_order``).
   over tasks, each BatchNorm the fused kernel over the T·C channels (per task, per channel),
   the head one batched product; one ``torch.autograd.grad`` of the summed support losses
   gives every task's inner gradient. The tasks run in chunks whose largest map stays about
-  the size of a core's L2 cache (:data:`FOLDED_CHUNK_BYTES`).
+  the size of a core's L2 cache per intra-op thread (:data:`FOLDED_CHUNK_BYTES`).
 * **vmap** (:func:`vmap_meta_loss`), for any other backbone (NSL layers, custom ones): the
   functional inner loop of one task under ``torch.func.vmap`` over tasks, inner gradients
   by ``torch.func.grad`` (``torch.autograd.grad`` cannot run under vmap), BatchNorm from
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +219,7 @@ def task_folded_supported(model: nn.Module) -> bool:
             type(block) is not ConvBlock
             or type(block.conv) is not nn.Conv2d
             or block.conv.padding_mode != "zeros"
+            or isinstance(block.conv.padding, str)  # "same"/"valid": GroupedConv2d takes pairs
             or type(block.norm) is not nn.BatchNorm2d
             or not isinstance(block.pad, (SamePad2d, nn.Identity))
             or not isinstance(block.relu, _CHANNELWISE)
@@ -226,6 +227,70 @@ def task_folded_supported(model: nn.Module) -> bool:
         ):
             return False
     return True
+
+
+class GroupedConv2d(torch.autograd.Function):
+    """``F.conv2d(x, weight, None, stride, padding, dilation, groups)`` whose input gradient is
+    ``F.conv_transpose2d`` of the output gradient (the same sums as the convolution's own
+    backward). Why: for a convolution grouped over tasks on this CPU (oneDNN, torch 2.13) the
+    transposed convolution was twice as fast as the input-gradient kernel (layer 2 of 32
+    Omniglot tasks: 9.7 against 19 ms), and differentiating it (the second-order
+    meta-gradient) avoids the double backward of a grouped convolution, which runs one
+    convolution per group; the folded meta-step was 1.07× faster at two threads, 1.02× at
+    one (docs/benchmarks.md, issue 14). The backward is made of differentiable operations,
+    so the function has exact derivatives of every order (tests: gradcheck, gradgradcheck).
+    ``stride``, ``padding``, ``dilation``: pairs; ``groups``: an int."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.options = (stride, padding, dilation, groups)
+        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.options
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # the transposed convolution's output side falls short of the input's by the rows
+            # and columns no window of the strided convolution reached: output_padding
+            output_padding = [
+                x.shape[2 + i]
+                - (
+                    (grad_output.shape[2 + i] - 1) * stride[i]
+                    - 2 * padding[i]
+                    + dilation[i] * (weight.shape[2 + i] - 1)
+                    + 1
+                )
+                for i in range(2)
+            ]
+            grad_x = F.conv_transpose2d(
+                grad_output, weight, None, stride, padding, output_padding, groups, dilation
+            )
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad_output,
+                x,
+                weight,
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                [0, 0],
+                groups,
+                [False, True, False],
+            )[1]
+        return grad_x, grad_weight, None, None, None, None
 
 
 def fold_tasks(x: torch.Tensor) -> torch.Tensor:
@@ -252,16 +317,17 @@ def task_folded_logits(
     for index, block in enumerate(model.backbone.blocks):
         prefix = f"backbone.blocks.{index}."
         conv, norm = block.conv, block.norm
-        bias = weights.get(prefix + "conv.bias")
-        h = F.conv2d(
+        h = GroupedConv2d.apply(
             block.pad(h),
             weights[prefix + "conv.weight"].flatten(0, 1),
-            None if bias is None else bias.flatten(),
             conv.stride,
             conv.padding,
             conv.dilation,
             tasks * conv.groups,
         )
+        bias = weights.get(prefix + "conv.bias")
+        if bias is not None:
+            h = h + bias.reshape(1, -1, 1, 1)
         scale, offset = weights.get(prefix + "norm.weight"), weights.get(prefix + "norm.bias")
         h = F.batch_norm(
             h,
@@ -295,25 +361,27 @@ def task_folded_losses(
 
 
 #: Bytes of the largest activation (the first convolution's output) of one chunk of folded
-#: tasks: about this machine's per-core L2 cache (2 MiB), so the elementwise work on it
-#: (BatchNorm and ReLU and their first and second derivatives) stays in cache. Measured
-#: (docs/benchmarks.md, issue 14): at the Omniglot reference shapes (Conv-4-64, 5 support
-#: and 5 query images of 28×28, 250 KiB a task) chunks of 4-8 tasks were 1.29× the
-#: sequential loop at one thread where all 32 tasks at once were 1.16×.
+#: tasks, per intra-op thread: about this machine's per-core L2 cache (2 MiB), so the
+#: elementwise work on it (BatchNorm and ReLU and their first and second derivatives) stays
+#: in cache. Measured (docs/benchmarks.md, issue 14) at the Omniglot reference shapes
+#: (Conv-4-64, 5 support and 5 query images of 28×28, 250 KiB a task), meta-batch 32: at one
+#: thread chunks of 4-8 tasks were 1.29× the sequential loop where all 32 at once were
+#: 1.16×; at two threads chunks of 16 were 2.03× / 1.97× where chunks of 8 were 1.96× /
+#: 1.92× (two runs).
 FOLDED_CHUNK_BYTES = 2 * 2**20
 
 
 def folded_chunk(model: nn.Module, episode: Episode) -> int:
     """Tasks per chunk of the folded form: as many as keep one chunk's first convolution
     output (the largest map of a Conv-4: most channels at the largest side) within
-    :data:`FOLDED_CHUNK_BYTES`, at least one."""
+    :data:`FOLDED_CHUNK_BYTES` per intra-op thread, at least one."""
     block = model.backbone.blocks[0]
     with torch.no_grad():  # the output shape, from a batch of no image
         empty = episode.query_x.new_empty(0, *episode.query_x.shape[1:])
         per_image = block.conv(block.pad(empty)).shape[1:].numel()
     images = max(episode.support_x.shape[0], episode.query_x.shape[0])
     per_task = images * per_image * episode.query_x.element_size()
-    return max(1, FOLDED_CHUNK_BYTES // per_task)
+    return max(1, FOLDED_CHUNK_BYTES * torch.get_num_threads() // per_task)
 
 
 def task_folded_meta_loss(
