@@ -293,6 +293,18 @@ class GroupedConv2d(torch.autograd.Function):
         return grad_x, grad_weight, None, None, None, None
 
 
+def _conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv2d`` without bias, with :class:`GroupedConv2d`'s arguments."""
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
 def fold_tasks(x: torch.Tensor) -> torch.Tensor:
     """Images of T tasks ``(T, B, C, H, W)`` → one batch with the tasks in the channels,
     task-major: ``(B, T·C, H, W)``."""
@@ -317,7 +329,10 @@ def task_folded_logits(
     for index, block in enumerate(model.backbone.blocks):
         prefix = f"backbone.blocks.{index}."
         conv, norm = block.conv, block.norm
-        h = GroupedConv2d.apply(
+        # one task: the plain convolution (GroupedConv2d's input gradient was slower there:
+        # 0.95x at Conv-4-32 28x28, docs/benchmarks.md)
+        convolve = GroupedConv2d.apply if tasks * conv.groups > 1 else _conv2d
+        h = convolve(
             block.pad(h),
             weights[prefix + "conv.weight"].flatten(0, 1),
             conv.stride,
