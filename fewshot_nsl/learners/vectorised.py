@@ -30,8 +30,8 @@ buffers), reported by vmap itself. The training loop (``train.meta_batch``,
 
 Speed on this 2-core CPU (docs/benchmarks.md, issue 14): the folded form is faster than the
 sequential loop where each task is small (the Omniglot reference: Conv-4-64, 1 query per
-class, 28×28 grey, meta-batch 32: 1.2-1.4× at one thread, 1.75-1.97× at two, measured
-under load), where it removes the sequential loop's per-operation overhead; it is 0.91-1.00×
+class, 28×28 grey, meta-batch 32: 1.25-1.37× at one thread, 2.03-2.18× at two, measured
+under load), where it removes the sequential loop's per-operation overhead; it is 0.85-1.00×
 at Conv-4-32 with 15 queries per class (28×28 and 84×84), where each task's operations
 are already large and bound by arithmetic and memory traffic, which folding does not
 reduce. The vmap form was slower than the sequential loop at Conv-4-32 (0.14-0.77×) and
@@ -236,8 +236,8 @@ class GroupedConv2d(torch.autograd.Function):
     transposed convolution was twice as fast as the input-gradient kernel (layer 2 of 32
     Omniglot tasks: 9.7 against 19 ms), and differentiating it (the second-order
     meta-gradient) avoids the double backward of a grouped convolution, which runs one
-    convolution per group; the folded meta-step was 1.07× faster at two threads, 1.02× at
-    one (docs/benchmarks.md, issue 14). The backward is made of differentiable operations,
+    convolution per group; the folded meta-step was 1.04-1.07× faster at two threads, 1.02×
+    at one (docs/benchmarks.md, issue 14). The backward is made of differentiable operations,
     so the function has exact derivatives of every order (tests: gradcheck, gradgradcheck).
     ``stride``, ``padding``, ``dilation``: pairs; ``groups``: an int."""
 
