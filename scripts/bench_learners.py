@@ -12,9 +12,14 @@ Table 2 (meta-batch): second-order MAML, a meta-step = a meta-batch of T tasks +
 step, run as the training loop runs it with ``train.meta_batch: sequential`` (one
 ``meta_loss`` + ``backward`` per task) and ``vectorised`` (``meta_loss_batch``: all tasks in
 one ``torch.func.vmap``), at 28×28 and 84×84, T = 2, 4, 8, 32, with 1 and 2 intra-op
-threads. Speed-up = sequential time / vectorised time, paired per round. Peak memory of one
-untimed meta-step (the first of a fresh process) beyond what was allocated before it: on a
-GPU ``torch.cuda.max_memory_allocated``; on a CPU the peak resident set (``VmHWM``) over the
+threads. ``--shape`` chooses the network and task: ``conv4-32`` (default: the learners
+table's Conv-4-32, 3 channels, 15 queries per class, 5 inner steps) or ``omniglot`` (the
+Omniglot MAML reference, configs/maml_conv4_omniglot_1shot_reference.yaml: its learner and
+model sections and its 5-way 1-shot tasks with 1 query per class on 1×28×28 images,
+Conv-4-64 with strided convolutions, 1 inner step, meta-batch 32). Speed-up = sequential
+time / vectorised time, paired per round. Peak memory of one untimed meta-step (the first
+of a fresh process) beyond what was allocated before it: on a GPU
+``torch.cuda.max_memory_allocated``; on a CPU the peak resident set (``VmHWM``) over the
 resident set before the step.
 
 Method (``benchtools``): wall-clock time; the variants of a row run in interleaved rounds,
@@ -25,24 +30,28 @@ printed before and after, and a run on a machine loaded beyond its core count is
     python scripts/bench_learners.py             # both tables, full sizes
     python scripts/bench_learners.py --quick     # 28×28, 2 inner steps, T = 2, 4, 1 thread
     python scripts/bench_learners.py --table meta-batch
+    python scripts/bench_learners.py --table meta-batch --shape omniglot --tasks 8 16 32
     python scripts/bench_learners.py --profile static_nsn   # top ops of one meta-step
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from benchtools import interleaved_seconds, load_guard, load_report, median_range, paired_ratios
 
 from episodes import Episode
+from fewshot_nsl.fewshot_config import load_fewshot_config
 from fewshot_nsl.learners import MAML, build_learner
 
 # name, learner config, conv spec (None: plain)
@@ -66,13 +75,70 @@ CONFIGS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
 ]
 #: Targets relative to plain MAML (issue 14: dynamic NSN per location ≤ 2.5×).
 TARGETS = {"static_nsn": 1.15, "dynamic_nsn/sample": 1.5, "dynamic_nsn/location": 2.5}
-#: Targets of the vectorised meta-batch (speed-up over sequential) per (size, meta-batch).
-VECTORISED_TARGETS = {(84, 4): 1.5, (28, 32): 2.0}
+#: Targets of the vectorised meta-batch (speed-up over sequential) per (shape, size,
+#: meta-batch): issue 14's 84×84 meta-batch 4, and 28×28 meta-batch 32 at Omniglot shapes.
+VECTORISED_TARGETS = {("conv4-32", 84, 4): 1.5, ("omniglot", 28, 32): 2.0}
 WAY, SHOT, QUERY = 5, 1, 15
+OMNIGLOT_REFERENCE = (
+    Path(__file__).parent.parent / "configs/maml_conv4_omniglot_1shot_reference.yaml"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskShape:
+    """The network and tasks of a meta-batch row: learner and model config sections (the
+    model's ``image_size`` is set per row), image channels, way, shot, queries per class and
+    the inner steps when ``--inner-steps`` does not set them."""
+
+    name: str
+    learner: dict[str, Any]
+    model: dict[str, Any]
+    channels: int
+    way: int
+    shot: int
+    query: int
+    inner_steps: int
+
+    def model_for(self, size: int) -> dict[str, Any]:
+        options = {**self.model.get("backbone_options", {}), "image_size": size}
+        return {**self.model, "backbone_options": options}
+
+
+def task_shape(name: str) -> TaskShape:
+    """``conv4-32``: the learners table's network and tasks; ``omniglot``: the Omniglot MAML
+    reference config's (grey images: 1 channel)."""
+    if name == "conv4-32":
+        model = {"backbone": "conv4", "backbone_options": {"filters": 32}}
+        return TaskShape(name, {"name": "maml"}, model, 3, WAY, SHOT, QUERY, 5)
+    config = load_fewshot_config(OMNIGLOT_REFERENCE)
+    # the table sets the order and (with --inner-steps) the inner steps itself
+    learner = {
+        k: v for k, v in config["learner"].items() if k not in ("inner_steps", "first_order")
+    }
+    episodes = config["episodes"]
+    return TaskShape(
+        name,
+        learner,
+        config["model"],
+        1,
+        episodes["way"],
+        episodes["shot"],
+        episodes["query"],
+        config["learner"]["inner_steps"],
+    )
+
+
+SHAPES = ("conv4-32", "omniglot")
 
 
 def make_episodes(
-    count: int, way: int, shot: int, query: int, size: int, device: torch.device
+    count: int,
+    way: int,
+    shot: int,
+    query: int,
+    size: int,
+    device: torch.device,
+    channels: int = 3,
 ) -> list[Episode]:
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(way)
@@ -80,9 +146,9 @@ def make_episodes(
     for _ in range(count):
         episodes.append(
             Episode(
-                support_x=torch.randn(way * shot, 3, size, size, generator=generator),
+                support_x=torch.randn(way * shot, channels, size, size, generator=generator),
                 support_y=labels.repeat_interleave(shot),
-                query_x=torch.randn(way * query, 3, size, size, generator=generator),
+                query_x=torch.randn(way * query, channels, size, size, generator=generator),
                 query_y=labels.repeat_interleave(query),
                 classes=labels,
                 support_indices=torch.arange(way * shot),
@@ -147,26 +213,54 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_bytes(
-    size: int, tasks: int, inner_steps: int, vectorised: bool, threads: int, device: torch.device
+    shape: TaskShape,
+    size: int,
+    tasks: int,
+    inner_steps: int,
+    vectorised: bool,
+    threads: int,
+    device: torch.device,
 ) -> int:
     """Peak memory of one meta-batch step beyond what was allocated before it, measured in a
     fresh process (``--memory-probe``) so no earlier step's heap hides it."""
     if device.type == "cuda":
-        return memory_probe(size, tasks, inner_steps, vectorised, threads, device)
-    command = [sys.executable, __file__, "--memory-probe", str(size), str(tasks)]
-    command += [str(inner_steps), str(int(vectorised)), str(threads)]
+        return memory_probe(shape, size, tasks, inner_steps, vectorised, threads, device)
+    command = [sys.executable, __file__, "--shape", shape.name, "--memory-probe", str(size)]
+    command += [str(tasks), str(inner_steps), str(int(vectorised)), str(threads)]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return int(output.split()[-1])
 
 
+def build_for_shape(shape: TaskShape, size: int, inner_steps: int, device: torch.device) -> MAML:
+    """Second-order learner of ``shape`` for ``size``×``size`` images, seeded."""
+    torch.manual_seed(0)
+    learner = build_learner(
+        {**shape.learner, "first_order": False, "inner_steps": inner_steps},
+        shape.model_for(size),
+        in_channels=shape.channels,
+        way=shape.way,
+    )
+    return learner.to(device)
+
+
+def shape_episodes(shape: TaskShape, tasks: int, size: int, device: torch.device) -> list[Episode]:
+    return make_episodes(tasks, shape.way, shape.shot, shape.query, size, device, shape.channels)
+
+
 def memory_probe(
-    size: int, tasks: int, inner_steps: int, vectorised: bool, threads: int, device: torch.device
+    shape: TaskShape,
+    size: int,
+    tasks: int,
+    inner_steps: int,
+    vectorised: bool,
+    threads: int,
+    device: torch.device,
 ) -> int:
     """On a GPU, ``torch.cuda.max_memory_allocated`` growth over one step; on a CPU the
     process's peak resident set (``VmHWM``) over its resident set before the step."""
     torch.set_num_threads(threads)
-    episodes = make_episodes(tasks, WAY, SHOT, QUERY, size, device)
-    learner = build({"name": "maml"}, None, False, size, inner_steps, WAY, device)
+    episodes = shape_episodes(shape, tasks, size, device)
+    learner = build_for_shape(shape, size, inner_steps, device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -265,6 +359,7 @@ def learners_table(
 
 
 def meta_batch_table(
+    shape: TaskShape,
     sizes: list[int],
     meta_batches: list[int],
     threads: list[int],
@@ -272,10 +367,12 @@ def meta_batch_table(
     rounds: int,
     device: torch.device,
 ) -> None:
-    """Table 2: sequential vs vectorised meta-batch of second-order MAML."""
+    """Table 2: sequential vs vectorised meta-batch of second-order MAML on ``shape``."""
     print(
-        f"\n## Meta-batch: second-order MAML, {WAY}-way {SHOT}-shot, {QUERY} queries/class, "
-        f"{inner_steps} inner steps, Conv-4-32, {rounds} interleaved rounds (+1 warm-up)"
+        f"\n## Meta-batch ({shape.name}): second-order MAML, {shape.way}-way {shape.shot}-shot, "
+        f"{shape.query} queries/class, {inner_steps} inner steps, {shape.channels} channels, "
+        f"model {shape.model}, learner {shape.learner}, {rounds} interleaved rounds "
+        "(+1 warm-up)"
     )
     print(
         "\n| size | tasks | threads | sequential meta-steps/s | vectorised meta-steps/s "
@@ -284,12 +381,12 @@ def meta_batch_table(
     print("|---|---:|---:|---:|---:|---:|---|---:|")
     for size in sizes:
         for tasks in meta_batches:
-            episodes = make_episodes(tasks, WAY, SHOT, QUERY, size, device)
+            episodes = shape_episodes(shape, tasks, size, device)
             for thread_count in threads:
                 torch.set_num_threads(thread_count)
                 steps = {}
                 for mode in ("sequential", "vectorised"):
-                    learner = build({"name": "maml"}, None, False, size, inner_steps, WAY, device)
+                    learner = build_for_shape(shape, size, inner_steps, device)
                     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
                     steps[mode] = partial(
                         batch_step, learner, optimizer, episodes, mode == "vectorised"
@@ -297,12 +394,12 @@ def meta_batch_table(
                 seconds = interleaved_seconds(steps, rounds, sync=lambda: synchronize(device))
                 peaks = {
                     mode: peak_memory_bytes(
-                        size, tasks, inner_steps, mode == "vectorised", thread_count, device
+                        shape, size, tasks, inner_steps, mode == "vectorised", thread_count, device
                     )
                     for mode in steps
                 }
                 speedup = paired_ratios(seconds["sequential"], seconds["vectorised"])
-                target = VECTORISED_TARGETS.get((size, tasks))
+                target = VECTORISED_TARGETS.get((shape.name, size, tasks))
                 verdict = "-"
                 if target is not None:
                     met = statistics.median(speedup) >= target
@@ -332,6 +429,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="learners table: threads")
     parser.add_argument("--only", nargs="*", default=None, help="configuration names to run")
     parser.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default="conv4-32",
+        help="meta-batch table: network and tasks (module docstring); omniglot: the Omniglot "
+        "reference config's, 28x28, 1 inner step unless --inner-steps",
+    )
+    parser.add_argument(
         "--sizes", type=int, nargs="+", help="meta-batch table: image sides (default 28 84)"
     )
     parser.add_argument(
@@ -357,11 +461,13 @@ def main() -> None:
     if args.memory_probe is not None:  # SIZE TASKS INNER_STEPS VECTORISED THREADS
         size, tasks, inner_steps, vectorised, threads = args.memory_probe
         device = torch.device(args.device)
-        print(memory_probe(size, tasks, inner_steps, bool(vectorised), threads, device))
+        shape = task_shape(args.shape)
+        print(memory_probe(shape, size, tasks, inner_steps, bool(vectorised), threads, device))
         return
     size = args.size or (28 if args.quick else 84)
     rounds = args.rounds or (2 if args.quick else 5)
     inner_steps = args.inner_steps or (2 if args.quick else 5)
+    shape = task_shape(args.shape)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.profile is not None:
@@ -385,11 +491,13 @@ def main() -> None:
         configs = [c for c in CONFIGS if args.only is None or c[0] in args.only]
         learners_table(configs, size, inner_steps, rounds, device)
     if args.table in ("meta-batch", "both"):
+        omniglot = shape.name == "omniglot"
         meta_batch_table(
-            args.sizes or ([28] if args.quick else [28, 84]),
+            shape,
+            args.sizes or ([28] if args.quick or omniglot else [28, 84]),
             args.tasks or ([2, 4] if args.quick else [2, 4, 8, 32]),
             args.thread_counts or ([1] if args.quick else [1, 2]),
-            inner_steps,
+            args.inner_steps or (shape.inner_steps if omniglot else inner_steps),
             rounds,
             device,
         )

@@ -1,5 +1,6 @@
-"""The vectorised meta-batch (vmap over tasks) against the sequential loop, its reference:
-one meta-gradient and several training steps, per learner variant, and the training loop's
+"""The vectorised meta-batch against the sequential loop, its reference: one meta-gradient and
+several training steps, per learner variant and per vectorised form (vmap over tasks, and
+for a plain Conv-4 the tasks folded into grouped convolutions), and the training loop's
 ``train.meta_batch`` switch."""
 
 from __future__ import annotations
@@ -7,14 +8,23 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
+from fewshot_nsl.backbones import build_backbone
 from fewshot_nsl.fewshot_config import resolve_fewshot_config
-from fewshot_nsl.learners import MAML
+from fewshot_nsl.learners import MAML, vectorised
 from fewshot_nsl.learners.base import SEQUENTIAL_REASONS_WARNED
-from fewshot_nsl.learners.vectorised import vectorised_meta_loss
+from fewshot_nsl.learners.vectorised import (
+    GroupedConv2d,
+    sequential_meta_loss,
+    task_folded_meta_loss,
+    task_folded_supported,
+    vectorised_meta_loss,
+    vmap_meta_loss,
+)
 from fewshot_nsl.runner import MetaTrainer
 from tests.test_learners import WAY, image_episode, one_thread, tiny_conv4  # noqa: F401
 from tests.test_runner import tiny_config
@@ -39,12 +49,29 @@ VARIANTS = {
 }
 
 
-def loss_and_grads(learner: MAML, episodes, vectorise: bool):
-    """Meta-loss, accuracy and meta-gradients of one meta-batch; the sequential side as the
-    training loop runs it (one backward per task, each loss divided by the task count)."""
+def folded_one_task_per_chunk(learner: MAML, episodes):
+    """The folded form with chunks of one task (a chunk budget of 1 byte)."""
+    with mock.patch.object(vectorised, "FOLDED_CHUNK_BYTES", 1):
+        assert vectorised.folded_chunk(learner.model, episodes[0]) == 1
+        return task_folded_meta_loss(learner, episodes)
+
+
+#: The vectorised forms by name; ``None`` is the sequential loop.
+FORMS = {
+    "vmap": vmap_meta_loss,
+    "folded": task_folded_meta_loss,
+    "folded_chunks": folded_one_task_per_chunk,
+    None: None,
+}
+
+
+def loss_and_grads(learner: MAML, episodes, form: str | None):
+    """Meta-loss, accuracy and meta-gradients of one meta-batch by vectorised ``form``; the
+    sequential side (``None``) as the training loop runs it (one backward per task, each loss
+    divided by the task count)."""
     learner.zero_grad()
-    if vectorise:
-        loss, accuracy = vectorised_meta_loss(learner, episodes)
+    if form is not None:
+        loss, accuracy = FORMS[form](learner, episodes)
         loss.backward()
     else:
         losses, accuracies = [], []
@@ -70,17 +97,20 @@ def assert_close_to_largest(actual: dict, expected: dict, tolerance: float) -> N
 
 
 CASES = [
-    (variant, dtype, tolerance)
+    (variant, form, dtype, tolerance)
     for variant in sorted(VARIANTS)
+    for form in (
+        ("vmap", "folded", "folded_chunks") if VARIANTS[variant][0] == "plain" else ("vmap",)
+    )
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5))
 ]
 OUTER_STEPS = 3
 OUTER_LR = 0.05
 
 
-@pytest.mark.parametrize("variant, dtype, tolerance", CASES)
+@pytest.mark.parametrize("variant, form, dtype, tolerance", CASES)
 def test_vectorised_training_equals_sequential(
-    variant: str, dtype: torch.dtype, tolerance: float
+    variant: str, form: str, dtype: torch.dtype, tolerance: float
 ) -> None:
     """OUTER_STEPS outer SGD steps, each on a fresh meta-batch: the same losses, accuracies
     and meta-gradients at every step, and the same weight updates at the end. In float32 the
@@ -95,8 +125,8 @@ def test_vectorised_training_equals_sequential(
     initial = {n: p.detach().clone() for n, p in sequential.named_parameters()}
     for step in range(OUTER_STEPS):
         episodes = [image_episode(2 * step + task, dtype=dtype) for task in range(2)]
-        expected = loss_and_grads(sequential, episodes, vectorise=False)
-        actual = loss_and_grads(vectorised, episodes, vectorise=True)
+        expected = loss_and_grads(sequential, episodes, None)
+        actual = loss_and_grads(vectorised, episodes, form)
         torch.testing.assert_close(actual[0], expected[0], rtol=tolerance, atol=0)
         torch.testing.assert_close(actual[1], expected[1])
         if dtype == torch.float64 or step == 0:  # float32: see the docstring
@@ -111,6 +141,60 @@ def test_vectorised_training_equals_sequential(
         for name, learner in (("sequential", sequential), ("vectorised", vectorised))
     }
     assert_close_to_largest(updates["vectorised"], updates["sequential"], tolerance)
+
+
+@pytest.mark.parametrize("downsample", ["max_pool", "stride"])
+def test_folded_form_in_evaluation_equals_sequential(downsample: str) -> None:
+    """Without a meta-graph (``torch.no_grad``, evaluation: ``inner_steps_eval`` first-order
+    steps) the folded form adapts and predicts as the sequential loop, for both Conv-4
+    layouts (max-pool; strided with TensorFlow padding and average pooling)."""
+    torch.manual_seed(0)
+    backbone = build_backbone(
+        "conv4", in_channels=3, filters=4, image_size=16, downsample=downsample, pool="avg"
+    )
+    learner = MAML(backbone, WAY, inner_steps_eval=3, inner_lr=0.1).to(torch.float64).eval()
+    assert task_folded_supported(learner.model)
+    episodes = [image_episode(seed, dtype=torch.float64) for seed in range(3)]
+    with torch.no_grad():
+        expected = sequential_meta_loss(learner, episodes)
+        actual = task_folded_meta_loss(learner, episodes)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(actual[1], expected[1])
+
+
+def test_vectorised_meta_loss_folds_a_plain_conv4_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatcher takes the folded form for a plain Conv-4 and vmap for NSL layers."""
+    taken = []
+    for form in ("vmap_meta_loss", "task_folded_meta_loss"):
+        monkeypatch.setattr(vectorised, form, lambda *_, form=form: taken.append(form))
+    episodes = [image_episode(seed) for seed in range(2)]
+    for kind, conv in (("plain", {}), ("static", {}), ("dynamic", {"granularity": "sample"})):
+        vectorised_meta_loss(MAML(tiny_conv4(kind, **conv), WAY).train(), episodes)
+    assert taken == ["task_folded_meta_loss", "vmap_meta_loss", "vmap_meta_loss"]
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation, side", [(2, 0, 1, 8), (1, 1, 2, 7), (2, 1, 1, 7)]
+)
+def test_grouped_conv_equals_conv2d_and_has_exact_derivatives(
+    stride: int, padding: int, dilation: int, side: int
+) -> None:
+    """GroupedConv2d (input gradient by a transposed convolution) computes F.conv2d, and its
+    first and second derivatives match finite differences: strided with a remainder the
+    windows miss (output_padding), padded and dilated; 2 groups."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, side, side, dtype=torch.float64, generator=generator)
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=generator)
+    pair = (stride, stride), (padding, padding), (dilation, dilation)
+
+    def op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return GroupedConv2d.apply(x, weight, *pair, 2)
+
+    expected = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, 2)
+    torch.testing.assert_close(op(x, weight), expected, rtol=1e-12, atol=1e-12)
+    inputs = (x.requires_grad_(), weight.requires_grad_())
+    assert torch.autograd.gradcheck(op, inputs)
+    assert torch.autograd.gradgradcheck(op, inputs)
 
 
 def test_falls_back_with_one_warning_where_vmap_cannot_apply() -> None:
