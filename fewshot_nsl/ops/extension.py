@@ -168,10 +168,11 @@ class _Extension:
                     flush=True,
                 )
         cuda_flags = {"extra_cuda_cflags": ["-O3"]} if self.kind == "cuda" else {}
+        # CPU: -fopenmp, or at::parallel_for (inline OpenMP in ATen's headers) runs serially.
         return cpp_extension.load(
             name=self.name,
             sources=[str(CSRC_DIR / name) for name in self.sources],
-            extra_cflags=["-O3"] if self.kind == "cuda" else ["-O3", "-march=native"],
+            extra_cflags=["-O3"] if self.kind == "cuda" else ["-O3", "-march=native", "-fopenmp"],
             build_directory=directory,
             verbose=verbose,
             **cuda_flags,

@@ -1,4 +1,4 @@
-// Per-location bilinear convolution on the CPU: forward and backward, fused per group of images.
+// Per-location bilinear convolution on the CPU: forward and backward, fused per tile.
 //
 //   y[b, o, l] = sum_{c, k} W[o, c, k] * mixed[b, l, k, c],
 //   mixed[b, l, k, c] = sum_k' M[b, l, k, k'] * x[b, c, pos(l, k')]      (full M)
@@ -7,23 +7,28 @@
 // where pos(l, k) is the input pixel that tap k of output location l reads (stride, padding,
 // dilation as F.conv2d). The torch path (ops/torch_paths.py) builds the whole tap stack
 // (B, C, HV, L) in memory, multiplies it by M and contracts it: several passes over a tensor
-// HV times the input. Here images are processed a small group at a time (about 1 MiB of
-// mixed taps, still in cache when they are read back): the mixing writes them once, one GEMM
-// per image with the kernel (MKL through at::mm_out) contracts them. The input is read
-// channels-last (B, H_pad, W_pad, C), so every tap's C channels are contiguous and the
-// mixing loops run along C. The backward recomputes the mixed taps instead of storing them,
-// and gathers grad_x per input pixel.
+// HV times the input. Here each image is processed in tiles of output locations whose mixed
+// taps (tile x HV*C numbers) stay in cache: the mixing writes them once, one GEMM with the
+// kernel (MKL through at::mm_out) contracts them. The input is read channels-last
+// (B, H_pad, W_pad, C), so every tap's C channels are contiguous and the mixing loops run
+// along C. The backward recomputes the mixed taps per tile instead of storing them.
 //
-// Tiles of locations run in parallel (at::parallel_for) for the element-wise work; the GEMMs
-// run between the parallel regions. No atomics: every output number is written by one job,
-// and sums run in a fixed order, so results do not depend on timing.
+// Threads: the forward runs its (image, tile) pairs in parallel, the backward its images
+// (at::parallel_for; this file is compiled with -fopenmp, without which at::parallel_for's
+// inline OpenMP loop would run on one thread). The GEMMs inside a parallel region run on
+// their thread alone (MKL does not nest inside an OpenMP region). The weight gradient is
+// accumulated per chunk of images and the chunks are summed in image order; there are no
+// atomics, so results do not depend on timing.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -37,19 +42,11 @@ struct Geometry {
   bool diagonal;
 };
 
-// Output locations per tile (a unit of parallel work): its mixed taps about 64 KiB.
+// Output locations per tile: the tile's mixed taps (tile * HV * C numbers) about 256 KiB.
 int64_t tile_locations(const Geometry& g, int64_t element_size) {
   const int64_t row_bytes = g.taps * g.channels * element_size;
-  const int64_t tile = (64 * 1024) / std::max<int64_t>(row_bytes, 1);
+  const int64_t tile = (256 * 1024) / std::max<int64_t>(row_bytes, 1);
   return std::min(g.locations, std::max<int64_t>(tile, 16));
-}
-
-// Images per group: a group's mixed taps (images * L * HV * C numbers) about 1 MiB, so they
-// are still in cache when the GEMM reads them.
-int64_t group_images(const Geometry& g, int64_t element_size) {
-  const int64_t image_bytes = g.locations * g.taps * g.channels * element_size;
-  const int64_t images = (1024 * 1024) / std::max<int64_t>(image_bytes, 1);
-  return std::min(g.batch, std::max<int64_t>(images, 1));
 }
 
 Geometry make_geometry(
@@ -111,6 +108,11 @@ inline void tap_sources(const scalar_t* image, const Geometry& g, int64_t l,
       sources[i * g.kw + j] = image + (row * g.w_pad + col) * g.channels;
     }
   }
+}
+
+template <typename scalar_t>
+inline void tap_targets(scalar_t* image, const Geometry& g, int64_t l, scalar_t** targets) {
+  tap_sources<scalar_t>(image, g, l, const_cast<const scalar_t**>(targets));
 }
 
 // The inner loops run along the C channels of one tap (contiguous in the channels-last
@@ -234,64 +236,43 @@ void mix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& g,
   }
 }
 
-// grad_M for the locations l0 .. l0 + count of one image, from grad_mixed[l, k, c]:
-// grad_M[l, k, k'] = sum_c grad_mixed[l, k, c] * x[pos(l, k'), c] (diagonal: k' = k).
+// Given grad_mixed[t, k, c] of a tile: grad_M for its locations and grad_x (padded,
+// channels-last) accumulated for the pixels they read.
 template <typename scalar_t>
-void grad_m_tile(const scalar_t* image, const Geometry& g, int64_t l0, int64_t count,
-                 const scalar_t* grad_mixed, scalar_t* grad_m_image,
-                 std::vector<const scalar_t*>& sources) {
+void unmix_tile(const scalar_t* image, const scalar_t* m_image, const Geometry& g, int64_t l0,
+                int64_t count, const scalar_t* grad_mixed, scalar_t* grad_m_image,
+                scalar_t* grad_image, std::vector<const scalar_t*>& sources,
+                std::vector<scalar_t*>& targets, std::vector<const scalar_t*>& grad_rows) {
   const int64_t C = g.channels, HV = g.taps;
-  for (int64_t l = l0; l < l0 + count; ++l) {
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t l = l0 + t;
     tap_sources<scalar_t>(image, g, l, sources.data());
-    const scalar_t* grow = grad_mixed + l * HV * C;
+    tap_targets<scalar_t>(grad_image, g, l, targets.data());
+    const scalar_t* grow = grad_mixed + t * HV * C;
+    for (int64_t k = 0; k < HV; ++k) grad_rows[k] = grow + k * C;
     if (g.diagonal) {
+      const scalar_t* m = m_image + l * HV;
       scalar_t* gm = grad_m_image + l * HV;
-      for (int64_t k = 0; k < HV; ++k) gm[k] = dot<scalar_t>(grow + k * C, sources[k], C);
+      for (int64_t k = 0; k < HV; ++k) {
+        gm[k] = dot<scalar_t>(grad_rows[k], sources[k], C);
+        // grad_x[pos(k)] += M[k] * grad_mixed[k]
+        combine<scalar_t, 1, true>(&targets[k], &grad_rows[k], m + k, 0, 0, 1, C);
+      }
     } else {
+      const scalar_t* m = m_image + l * HV * HV;
       scalar_t* gm = grad_m_image + l * HV * HV;
       for (int64_t k = 0; k < HV; ++k) {
-        for (int64_t q = 0; q < HV; ++q) gm[k * HV + q] = dot<scalar_t>(grow + k * C, sources[q], C);
+        for (int64_t q = 0; q < HV; ++q) gm[k * HV + q] = dot<scalar_t>(grad_rows[k], sources[q], C);
       }
-    }
-  }
-}
-
-// grad_x for one input row y of one image (channels-last, unpadded), gathered from the
-// locations that read each pixel: grad_x[p, c] = sum over taps q and locations l with
-// pos(l, q) = p of sum_k M[l, k, q] * grad_mixed[l, k, c] (diagonal: k = q). Every pixel is
-// written by one job, so rows run in parallel without atomics; the terms are added in a
-// fixed order (q, then k).
-template <typename scalar_t>
-void grad_x_row(const scalar_t* m_image, const Geometry& g, int64_t y, const scalar_t* grad_mixed,
-                scalar_t* grad_image, std::vector<const scalar_t*>& terms,
-                std::vector<scalar_t>& coefs) {
-  const int64_t C = g.channels, HV = g.taps;
-  const int64_t r = y + g.ph;  // padded row
-  for (int64_t x = 0; x < g.width; ++x) {
-    const int64_t col = x + g.pw;
-    int64_t n = 0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t oh_scaled = r - i * g.dh;
-      if (oh_scaled < 0 || oh_scaled % g.sh != 0 || oh_scaled / g.sh >= g.h_out) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t ow_scaled = col - j * g.dw;
-        if (ow_scaled < 0 || ow_scaled % g.sw != 0 || ow_scaled / g.sw >= g.w_out) continue;
-        const int64_t l = (oh_scaled / g.sh) * g.w_out + ow_scaled / g.sw;
-        const int64_t q = i * g.kw + j;
-        const scalar_t* grow = grad_mixed + l * HV * C;
-        if (g.diagonal) {
-          terms[n] = grow + q * C;
-          coefs[n++] = m_image[l * HV + q];
-        } else {
-          for (int64_t k = 0; k < HV; ++k) {
-            terms[n] = grow + k * C;
-            coefs[n++] = m_image[(l * HV + k) * HV + q];
-          }
+      // grad_x[pos(q)] += sum_k M[k, q] * grad_mixed[k]
+      if (HV == 9) {
+        combine<scalar_t, 9, true>(targets.data(), grad_rows.data(), m, 1, 9, 9, C);
+      } else {
+        for (int64_t q = 0; q < HV; ++q) {
+          combine<scalar_t, 1, true>(&targets[q], grad_rows.data(), m + q, 0, HV, HV, C);
         }
       }
     }
-    scalar_t* out = grad_image + (y * g.width + x) * C;
-    combine<scalar_t, 1, false>(&out, terms.data(), coefs.data(), 0, 1, n, C);
   }
 }
 
@@ -310,11 +291,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 
 }  // namespace
 
-// Images are taken a group at a time. Within a group, the (image, tile) pairs run in
-// parallel for the element-wise work (mixing, grad_M, grad_x); the GEMMs run between those
-// parallel regions, never inside one, so the BLAS library's own threads never nest inside
-// at::parallel_for's (nested, they oversubscribe the cores).
-
 at::Tensor location_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& M,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, bool diagonal) {
@@ -324,34 +300,34 @@ at::Tensor location_forward(const at::Tensor& x, const at::Tensor& weight, const
   const at::Tensor w_taps = taps_major_weight(weight, g);
   const at::Tensor m = M.contiguous();
   at::Tensor out = at::empty({g.batch, g.out_channels, g.h_out, g.w_out}, x.options());
-  const int64_t row = g.taps * g.channels;
   const int64_t tile = tile_locations(g, x.element_size());
-  const int64_t tiles = (g.locations + tile - 1) / tile;
-  const int64_t group = group_images(g, x.element_size());
-  at::Tensor mixed = at::empty({group, g.locations, row}, x.options());
+  const int64_t row = g.taps * g.channels;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "location_forward_cpu", [&] {
     const scalar_t* image_data = image_cl.data_ptr<scalar_t>();
     const scalar_t* m_data = m.data_ptr<scalar_t>();
-    scalar_t* mixed_data = mixed.data_ptr<scalar_t>();
     const int64_t image_numel = g.h_pad * g.w_pad * g.channels;
     const int64_t m_numel = g.locations * (diagonal ? g.taps : g.taps * g.taps);
-    for (int64_t b0 = 0; b0 < g.batch; b0 += group) {
-      const int64_t images = std::min(group, g.batch - b0);
-      at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
-        std::vector<const scalar_t*> sources(g.taps);
-        for (int64_t job = begin; job < end; ++job) {
-          const int64_t i = job / tiles, l0 = (job % tiles) * tile;
-          mix_tile<scalar_t>(image_data + (b0 + i) * image_numel, m_data + (b0 + i) * m_numel, g,
-                             l0, std::min(tile, g.locations - l0),
-                             mixed_data + (i * g.locations + l0) * row, sources);
-        }
-      });
-      for (int64_t i = 0; i < images; ++i) {  // out[b] (O, L) = W_taps (O, HV*C) mixed[b]^T
-        at::Tensor out_b = out[b0 + i].view({g.out_channels, g.locations});
-        at::mm_out(out_b, w_taps, mixed[i].t());
+    // Every (image, tile) pair writes its own output columns: they run in parallel, so a
+    // small batch (one image at inference) still uses every thread.
+    const int64_t tiles = (g.locations + tile - 1) / tile;
+    // OpenMP's worker threads do not inherit the caller's dispatch state (e.g. "below
+    // autograd" inside the custom op): it is carried over, as at::launch does.
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, g.batch * tiles, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
+      at::Tensor mixed = at::empty({tile, row}, x.options());
+      std::vector<const scalar_t*> sources(g.taps);
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t b = job / tiles, l0 = (job % tiles) * tile;
+        const int64_t count = std::min(tile, g.locations - l0);
+        mix_tile<scalar_t>(image_data + b * image_numel, m_data + b * m_numel, g, l0, count,
+                           mixed.data_ptr<scalar_t>(), sources);
+        // (O, count) columns of image b's (O, L) output, row stride L
+        at::Tensor out_tile = out[b].view({g.out_channels, g.locations}).narrow(1, l0, count);
+        at::mm_out(out_tile, w_taps, mixed.narrow(0, 0, count).t());
       }
-    }
+    });
   });
   return out;
 }
@@ -368,65 +344,63 @@ std::vector<at::Tensor> location_backward(const at::Tensor& grad_y, const at::Te
   const at::Tensor w_taps = taps_major_weight(weight, g);
   const at::Tensor m = M.contiguous();
   const at::Tensor gy = grad_y.to(x.scalar_type()).contiguous();
-  at::Tensor grad_x_cl = at::empty({g.batch, g.height, g.width, g.channels}, x.options());
+  at::Tensor grad_image = at::zeros_like(image_cl);
   at::Tensor grad_m = at::empty_like(m);
-  at::Tensor grad_w_taps = at::zeros({g.out_channels, g.taps * g.channels}, x.options());
-  const int64_t row = g.taps * g.channels;
   const int64_t tile = tile_locations(g, x.element_size());
-  const int64_t tiles = (g.locations + tile - 1) / tile;
-  const int64_t group = group_images(g, x.element_size());
-  at::Tensor mixed = at::empty({group, g.locations, row}, x.options());
-  at::Tensor grad_mixed = at::empty({group, g.locations, row}, x.options());
+  const int64_t row = g.taps * g.channels;
+  std::map<int64_t, at::Tensor> grad_w_chunks;  // first image of a chunk -> its sum
+  std::mutex chunks_lock;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "location_backward_cpu", [&] {
     const scalar_t* image_data = image_cl.data_ptr<scalar_t>();
     const scalar_t* m_data = m.data_ptr<scalar_t>();
-    scalar_t* mixed_data = mixed.data_ptr<scalar_t>();
-    const scalar_t* grad_mixed_data = grad_mixed.data_ptr<scalar_t>();
+    scalar_t* grad_image_data = grad_image.data_ptr<scalar_t>();
     scalar_t* grad_m_data = grad_m.data_ptr<scalar_t>();
-    scalar_t* grad_x_data = grad_x_cl.data_ptr<scalar_t>();
     const int64_t image_numel = g.h_pad * g.w_pad * g.channels;
     const int64_t m_numel = g.locations * (diagonal ? g.taps : g.taps * g.taps);
-    const int64_t grad_image_numel = g.height * g.width * g.channels;
-    const int64_t max_terms = diagonal ? g.taps : g.taps * g.taps;
-    for (int64_t b0 = 0; b0 < g.batch; b0 += group) {
-      const int64_t images = std::min(group, g.batch - b0);
-      for (int64_t i = 0; i < images; ++i) {  // grad_mixed[b] (L, HV*C) = gy[b]^T W_taps
-        at::Tensor gm_b = grad_mixed[i];
-        at::mm_out(gm_b, gy[b0 + i].view({g.out_channels, g.locations}).t(), w_taps);
-      }
-      at::parallel_for(0, images * tiles, 1, [&](int64_t begin, int64_t end) {
-        std::vector<const scalar_t*> sources(g.taps);
-        for (int64_t job = begin; job < end; ++job) {
-          const int64_t i = job / tiles, l0 = (job % tiles) * tile;
+    const at::ThreadLocalState caller_state;  // as in location_forward
+    at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard state_guard(caller_state);
+      at::Tensor mixed = at::empty({tile, row}, x.options());
+      at::Tensor grad_mixed = at::empty({tile, row}, x.options());
+      at::Tensor grad_w = at::zeros({g.out_channels, row}, x.options());
+      std::vector<const scalar_t*> sources(g.taps);
+      std::vector<scalar_t*> targets(g.taps);
+      std::vector<const scalar_t*> grad_rows(g.taps);
+      for (int64_t b = begin; b < end; ++b) {
+        const at::Tensor gy_b = gy[b].view({g.out_channels, g.locations});
+        const scalar_t* image = image_data + b * image_numel;
+        const scalar_t* m_image = m_data + b * m_numel;
+        for (int64_t l0 = 0; l0 < g.locations; l0 += tile) {
           const int64_t count = std::min(tile, g.locations - l0);
-          const scalar_t* image = image_data + (b0 + i) * image_numel;
-          mix_tile<scalar_t>(image, m_data + (b0 + i) * m_numel, g, l0, count,
-                             mixed_data + (i * g.locations + l0) * row, sources);
-          grad_m_tile<scalar_t>(image, g, l0, count, grad_mixed_data + i * g.locations * row,
-                                grad_m_data + (b0 + i) * m_numel, sources);
+          const at::Tensor gy_tile = gy_b.narrow(1, l0, count);  // (O, count)
+          at::Tensor gm_tile = grad_mixed.narrow(0, 0, count);   // (count, HV * C)
+          at::mm_out(gm_tile, gy_tile.t(), w_taps);
+          mix_tile<scalar_t>(image, m_image, g, l0, count, mixed.data_ptr<scalar_t>(), sources);
+          grad_w.addmm_(gy_tile, mixed.narrow(0, 0, count));
+          unmix_tile<scalar_t>(image, m_image, g, l0, count, grad_mixed.data_ptr<scalar_t>(),
+                               grad_m_data + b * m_numel, grad_image_data + b * image_numel,
+                               sources, targets, grad_rows);
         }
-      });
-      for (int64_t i = 0; i < images; ++i) {  // grad W_taps += gy[b] mixed[b]
-        grad_w_taps.addmm_(gy[b0 + i].view({g.out_channels, g.locations}), mixed[i]);
       }
-      at::parallel_for(0, images * g.height, 1, [&](int64_t begin, int64_t end) {
-        std::vector<const scalar_t*> terms(max_terms);
-        std::vector<scalar_t> coefs(max_terms);
-        for (int64_t job = begin; job < end; ++job) {
-          const int64_t i = job / g.height, y = job % g.height;
-          grad_x_row<scalar_t>(m_data + (b0 + i) * m_numel, g, y,
-                               grad_mixed_data + i * g.locations * row,
-                               grad_x_data + (b0 + i) * grad_image_numel, terms, coefs);
-        }
-      });
-    }
+      std::lock_guard<std::mutex> guard(chunks_lock);
+      grad_w_chunks.emplace(begin, grad_w);
+    });
   });
 
+  // Sum the chunks in image order (deterministic whatever thread ran which chunk).
+  at::Tensor grad_w_taps;
+  for (auto& entry : grad_w_chunks) {
+    grad_w_taps = grad_w_taps.defined() ? grad_w_taps.add_(entry.second) : entry.second;
+  }
   at::Tensor grad_weight = grad_w_taps.view({g.out_channels, g.kh, g.kw, g.channels})
                                .permute({0, 3, 1, 2})
                                .contiguous();
-  return {grad_x_cl.permute({0, 3, 1, 2}).contiguous(), grad_weight, grad_m};
+  at::Tensor grad_x = grad_image.narrow(1, g.ph, g.height)
+                          .narrow(2, g.pw, g.width)
+                          .permute({0, 3, 1, 2})
+                          .contiguous();
+  return {grad_x, grad_weight, grad_m};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
