@@ -266,3 +266,41 @@ def test_inside_vmap_the_torch_path_runs(monkeypatch):
     batched = torch.func.vmap(layer)(xs, ms)
     for task in range(2):
         torch.testing.assert_close(batched[task], layer(xs[task], ms[task]), rtol=1e-12, atol=0)
+
+
+DEADLOCK_SCRIPT = """
+import torch
+from fewshot_nsl.ops import bilinear_conv2d
+torch.set_num_threads(2)
+x = torch.randn(6, 8, 12, 12, requires_grad=True)
+weight = torch.randn(4, 8, 3, 3, requires_grad=True)
+M = torch.rand(6, 12, 12, 9, requires_grad=True)
+# Python saved-tensor hooks live in the thread-local state that the calling thread holds
+# the GIL for; the kernel's worker threads must not need them.
+with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+    y = bilinear_conv2d(x, weight, M, padding=1, granularity="location", diagonal=True)
+y.square().sum().backward()
+print("done")
+"""
+
+
+def test_two_threads_under_python_saved_tensor_hooks_do_not_deadlock():
+    """Found by bench_learners (its memory meter installs such hooks): with two threads the
+    kernel's worker threads once copied the caller's whole thread-local state, which needs
+    the GIL the caller held, and the process hung."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop(BACKEND_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-c", DEADLOCK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("done")

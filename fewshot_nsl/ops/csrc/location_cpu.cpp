@@ -23,7 +23,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <cstring>
@@ -311,11 +311,12 @@ at::Tensor location_forward(const at::Tensor& x, const at::Tensor& weight, const
     // Every (image, tile) pair writes its own output columns: they run in parallel, so a
     // small batch (one image at inference) still uses every thread.
     const int64_t tiles = (g.locations + tile - 1) / tile;
-    // OpenMP's worker threads do not inherit the caller's dispatch state (e.g. "below
-    // autograd" inside the custom op): it is carried over, as at::launch does.
-    const at::ThreadLocalState caller_state;
     at::parallel_for(0, g.batch * tiles, 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard state_guard(caller_state);
+      // OpenMP's worker threads do not inherit the caller's dispatch state ("below autograd"
+      // inside the custom op), and the ops here need none of the rest: set just that. (Not
+      // the whole at::ThreadLocalState: it holds Python objects, e.g. saved-tensor hooks,
+      // whose copy needs the GIL that the calling thread holds.)
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor mixed = at::empty({tile, row}, x.options());
       std::vector<const scalar_t*> sources(g.taps);
       for (int64_t job = begin; job < end; ++job) {
@@ -358,9 +359,8 @@ std::vector<at::Tensor> location_backward(const at::Tensor& grad_y, const at::Te
     scalar_t* grad_m_data = grad_m.data_ptr<scalar_t>();
     const int64_t image_numel = g.h_pad * g.w_pad * g.channels;
     const int64_t m_numel = g.locations * (diagonal ? g.taps : g.taps * g.taps);
-    const at::ThreadLocalState caller_state;  // as in location_forward
     at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard state_guard(caller_state);
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in location_forward
       at::Tensor mixed = at::empty({tile, row}, x.options());
       at::Tensor grad_mixed = at::empty({tile, row}, x.options());
       at::Tensor grad_w = at::zeros({g.out_channels, row}, x.options());
@@ -405,8 +405,11 @@ std::vector<at::Tensor> location_backward(const at::Tensor& grad_y, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fewshot_nsl: per-location bilinear convolution on the CPU (fused per tile)";
+  // The GIL is released while a kernel runs (it calls no Python).
   module.def("location_forward", &location_forward,
-             "y = per-location bilinear conv (x, weight, M, stride, padding, dilation, diagonal)");
+             "y = per-location bilinear conv (x, weight, M, stride, padding, dilation, diagonal)",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("location_backward", &location_backward,
-             "(grad_x, grad_weight, grad_M) of location_forward");
+             "(grad_x, grad_weight, grad_M) of location_forward",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
 }
