@@ -18,10 +18,10 @@ from fewshot_nsl.ops import (
     bilinear_conv2d,
     bilinear_conv2d_reference,
     bilinear_conv2d_torch,
-    output_size,
 )
 from fewshot_nsl.ops import custom_op as custom_ops
 from fewshot_nsl.ops import extension as extension_loader
+from tests import test_cuda as cuda_tests
 
 pytestmark = pytest.mark.skipif(
     not extension_loader.cpu_kernel_available(),
@@ -51,17 +51,21 @@ def make_inputs(
     *,
     batch=3,
     size=(9, 8),
-    dtype=torch.float64,
-    seed=0,
+    **options,
 ):
-    gen = torch.Generator().manual_seed(seed)
-    taps = kernel[0] * kernel[1]
-    h_out, w_out = output_size(size, kernel, stride, padding, dilation)
-    m_shape = (batch, h_out, w_out) + ((taps,) if diagonal else (taps, taps))
-    x = torch.randn(batch, channels, *size, generator=gen, dtype=torch.float64)
-    weight = torch.randn(out_ch, channels, *kernel, generator=gen, dtype=torch.float64)
-    M = torch.randn(m_shape, generator=gen, dtype=torch.float64)
-    return x.to(dtype), weight.to(dtype), M.to(dtype), ConvGeometry(stride, padding, dilation)
+    """test_cuda's random per-location inputs (float64 draws, cast to ``dtype``), with the
+    ``ConvGeometry`` the ops take."""
+    x, weight, M = cuda_tests.make_inputs(
+        "location",
+        diagonal,
+        (kernel, stride, padding, dilation),
+        batch=batch,
+        channels=channels,
+        out_ch=out_ch,
+        size=size,
+        **options,
+    )
+    return x, weight, M, ConvGeometry(stride, padding, dilation)
 
 
 def kernel_call(x, weight, M, geometry, diagonal):
@@ -173,7 +177,7 @@ def test_dispatch_auto_uses_the_kernel_and_torch_forces_the_torch_path(monkeypat
 
 def test_forced_cpp_for_the_per_sample_form_falls_back_once(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "cpp")
-    monkeypatch.setattr(bilinear_module, "_warned_cpp_unavailable", False)
+    monkeypatch.setattr(bilinear_module, "_warned_fallbacks", set())
     assert backend("cpu", "location") == "cpp"
     with pytest.warns(RuntimeWarning, match="granularity='location'"):
         assert backend("cpu", "sample") == "torch"

@@ -312,7 +312,7 @@ def test_backend_selection_and_env(monkeypatch):
 
 def test_forced_cuda_without_gpu_falls_back_once(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "cuda")
-    monkeypatch.setattr(bilinear_module, "_warned_cuda_unavailable", False)
+    monkeypatch.setattr(bilinear_module, "_warned_fallbacks", set())
     with pytest.warns(RuntimeWarning, match="torch path"):
         assert backend("cpu") == "torch"
     with warnings.catch_warnings():

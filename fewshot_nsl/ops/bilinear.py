@@ -43,8 +43,8 @@ from fewshot_nsl.ops.torch_paths import bilinear_conv2d_reference, bilinear_conv
 BACKENDS: tuple[str, ...] = ("auto", "torch", "reference", "cuda", "cpp")
 BACKEND_ENV = "FEWSHOT_NSL_BACKEND"
 
-_warned_cuda_unavailable = False
-_warned_cpp_unavailable = False
+#: Forced backends ("cuda", "cpp") whose fallback to the torch path has been warned about.
+_warned_fallbacks: set[str] = set()
 
 
 def _forced_backend() -> str:
@@ -73,15 +73,9 @@ def _under_func_transform() -> bool:
 
 
 def _warn_fallback_once(kind: str, reason: str) -> None:
-    global _warned_cuda_unavailable, _warned_cpp_unavailable
-    if kind == "cuda":
-        if _warned_cuda_unavailable:
-            return
-        _warned_cuda_unavailable = True
-    else:
-        if _warned_cpp_unavailable:
-            return
-        _warned_cpp_unavailable = True
+    if kind in _warned_fallbacks:
+        return
+    _warned_fallbacks.add(kind)
     warnings.warn(
         f"{BACKEND_ENV}={kind} but {reason}; using the torch path instead",
         RuntimeWarning,

@@ -11,7 +11,7 @@ Older torch gets a first-order :class:`BilinearConv2dFunction`.
 
 The ops' schema is ``(x, weight, M, stride, padding, dilation, granularity, diagonal)`` with
 ``granularity`` "sample" or "location"; :func:`bilinear_conv2d_custom_op` is the entry point
-(called by :func:`fewshot_nsl.ops.bilinear_conv2d` for CUDA tensors).
+(called by :func:`fewshot_nsl.ops.bilinear_conv2d` when the "cuda" or "cpp" backend serves a call).
 """
 
 from __future__ import annotations
@@ -62,58 +62,33 @@ def _backward_torch(
     return backward_torch(grad_y, x, weight, M, geometry, granularity, diagonal)
 
 
-def _forward_cuda(
-    x: Tensor, weight: Tensor, M: Tensor, stride, padding, dilation, granularity, diagonal
-) -> Tensor:
-    ext = load_extension()
-    if ext is None:
-        return _forward_torch(x, weight, M, stride, padding, dilation, granularity, diagonal)
-    geometry = _geometry(stride, padding, dilation)
-    return ext.forward(x, weight, M, *binding_arguments(geometry, granularity, diagonal))
-
-
-def _backward_cuda(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    M: Tensor,
-    stride,
-    padding,
-    dilation,
-    granularity,
-    diagonal,
-) -> tuple[Tensor, Tensor, Tensor]:
-    ext = load_extension()
-    if ext is None:
-        return _backward_torch(
-            grad_y, x, weight, M, stride, padding, dilation, granularity, diagonal
-        )
-    geometry = _geometry(stride, padding, dilation)
-    args = binding_arguments(geometry, granularity, diagonal)
-    return tuple(ext.backward(grad_y, x, weight, M, *args))
-
-
 #: dtypes the CPU kernel (``csrc/location_cpu.cpp``) is compiled for; others run the torch path.
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def _cpu_kernel(x: Tensor, granularity: str):
-    """The CPU extension if it serves this call (per-location, float32/float64), else ``None``."""
-    if granularity != "location" or x.dtype not in CPU_KERNEL_DTYPES:
-        return None
-    return load_cpu_extension()
+def _compiled_kernel(x: Tensor, granularity: str):
+    """The compiled extension that serves this call, or ``None`` (the torch path runs): the
+    CUDA extension for CUDA tensors; on the CPU the per-location kernel in float32/float64."""
+    if x.is_cuda:
+        return load_extension()
+    if granularity == "location" and x.dtype in CPU_KERNEL_DTYPES:
+        return load_cpu_extension()
+    return None
 
 
-def _forward_cpu(
+def _forward_impl(
     x: Tensor, weight: Tensor, M: Tensor, stride, padding, dilation, granularity, diagonal
 ) -> Tensor:
-    ext = _cpu_kernel(x, granularity)
+    ext = _compiled_kernel(x, granularity)
     if ext is None:
         return _forward_torch(x, weight, M, stride, padding, dilation, granularity, diagonal)
-    return ext.location_forward(x, weight, M, list(stride), list(padding), list(dilation), diagonal)
+    geometry = _geometry(stride, padding, dilation)
+    if x.is_cuda:
+        return ext.forward(x, weight, M, *binding_arguments(geometry, granularity, diagonal))
+    return ext.location_forward(x, weight, M, *map(list, geometry), diagonal)
 
 
-def _backward_cpu(
+def _backward_impl(
     grad_y: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -124,25 +99,16 @@ def _backward_cpu(
     granularity,
     diagonal,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    ext = _cpu_kernel(x, granularity)
+    ext = _compiled_kernel(x, granularity)
     if ext is None:
         return _backward_torch(
             grad_y, x, weight, M, stride, padding, dilation, granularity, diagonal
         )
-    geometry = (list(stride), list(padding), list(dilation))
-    return tuple(ext.location_backward(grad_y, x, weight, M, *geometry, diagonal))
-
-
-def _forward_impl(x: Tensor, weight: Tensor, M: Tensor, *arguments) -> Tensor:
-    impl = _forward_cuda if x.is_cuda else _forward_cpu
-    return impl(x, weight, M, *arguments)
-
-
-def _backward_impl(
-    grad_y: Tensor, x: Tensor, weight: Tensor, M: Tensor, *arguments
-) -> tuple[Tensor, Tensor, Tensor]:
-    impl = _backward_cuda if x.is_cuda else _backward_cpu
-    return impl(grad_y, x, weight, M, *arguments)
+    geometry = _geometry(stride, padding, dilation)
+    if x.is_cuda:
+        args = binding_arguments(geometry, granularity, diagonal)
+        return tuple(ext.backward(grad_y, x, weight, M, *args))
+    return tuple(ext.location_backward(grad_y, x, weight, M, *map(list, geometry), diagonal))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +178,7 @@ if HAS_CUSTOM_OP:
         granularity: str,
         diagonal: bool,
     ) -> Tensor:
-        return _forward_torch(x, weight, M, stride, padding, dilation, granularity, diagonal)
+        return _forward_impl(x, weight, M, stride, padding, dilation, granularity, diagonal)
 
     @torch.library.custom_op("fewshot_nsl::bilinear_conv2d_backward", mutates_args=())
     def _bilinear_conv2d_backward_op(
@@ -226,14 +192,9 @@ if HAS_CUSTOM_OP:
         granularity: str,
         diagonal: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _backward_torch(
+        return _backward_impl(
             grad_y, x, weight, M, stride, padding, dilation, granularity, diagonal
         )
-
-    _bilinear_conv2d_op.register_kernel("cuda")(_forward_cuda)
-    _bilinear_conv2d_backward_op.register_kernel("cuda")(_backward_cuda)
-    _bilinear_conv2d_op.register_kernel("cpu")(_forward_cpu)
-    _bilinear_conv2d_backward_op.register_kernel("cpu")(_backward_cpu)
 
     @_bilinear_conv2d_op.register_fake
     def _(x, weight, M, stride, padding, dilation, granularity, diagonal):

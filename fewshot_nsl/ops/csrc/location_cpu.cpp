@@ -138,8 +138,8 @@ inline void store(scalar_t* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// dst[d][c] (+)= sum_s coef(d, s) * src[s][c] for d < kOutputs (or `outputs` when kOutputs
-// is 0), s < n, c < C, with coef(d, s) = m[d * d_stride + s * s_stride]. Each source block
+// dst[d][c] (+)= sum_s coef(d, s) * src[s][c] for d < kOutputs, s < n, c < C, with
+// coef(d, s) = m[d * d_stride + s * s_stride]. Each source block
 // is loaded once and feeds every output's accumulator (kept in registers). Per (d, c) the
 // terms are added for ascending s, from zero or from dst.
 template <typename scalar_t, int64_t kOutputs, bool kAccumulate>
