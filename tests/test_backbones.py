@@ -20,6 +20,7 @@ from fewshot_nsl.backbones import (
     list_backbones,
     register_backbone,
 )
+from fewshot_nsl.backbones.pooling import activate_and_pool
 from fewshot_nsl.nn import DynamicNSLConv2d, NSLConv2d
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -177,3 +178,38 @@ def test_plugin_from_a_tmp_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert count(backbone, DynamicNSLConv2d) == 1
     assert backbone(torch.randn(4, 2, 8, 8)).shape == (4, 5)
     sys.modules.pop("tmp_backbones_pkg", None)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.LeakyReLU(0.1)], ids=["relu", "leaky"])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_activate_and_pool_matches_the_reference_order_bit_for_bit(activation, ties) -> None:
+    """Pooling before the activation (activate_and_pool) gives the reference order's values,
+    first and second derivatives exactly, also where windows hold equal elements."""
+    generator = torch.Generator().manual_seed(3)
+    if ties:  # few distinct values: most windows hold equal maxima, many all non-positive
+        h0 = torch.randint(-2, 3, (3, 4, 8, 10), generator=generator).double()
+    else:
+        h0 = torch.randn(3, 4, 8, 10, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(3, 4, 4, 5, generator=generator, dtype=torch.float64)
+    pool = nn.MaxPool2d(2)
+
+    def derivatives(order):
+        h = h0.clone().requires_grad_()
+        out = order(h)
+        (first,) = torch.autograd.grad((out * upstream).sum(), h, create_graph=True)
+        (second,) = torch.autograd.grad((first * first.detach() + first).sum(), h)
+        return out.detach(), first.detach(), second
+
+    fast = derivatives(lambda h: activate_and_pool(activation, pool, h))
+    reference = derivatives(lambda h: pool(activation(h)))
+    for mine, theirs in zip(fast, reference):
+        assert torch.equal(mine, theirs)
+
+
+def test_activate_and_pool_keeps_the_order_where_it_matters() -> None:
+    """A non-monotone activation (GELU) does not commute with max-pooling: the reference
+    order is kept."""
+    h = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    out = activate_and_pool(nn.GELU(), nn.MaxPool2d(2), h)
+    assert torch.equal(out, nn.MaxPool2d(2)(nn.GELU()(h)))
+    assert not torch.equal(out, nn.GELU()(nn.MaxPool2d(2)(h)))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_nsl.backbones.pooling import activate_and_pool
 from fewshot_nsl.backbones.registry import ConvFactoryLike, register_backbone
 
 POOLINGS = ("flatten", "avg")
@@ -81,7 +82,7 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` → ``(B, C_out, H // 2, W // 2)`` (``ceil`` with strides)."""
-        return self.pool(self.relu(self.norm(self.conv(self.pad(x)))))
+        return activate_and_pool(self.relu, self.pool, self.norm(self.conv(self.pad(x))))
 
 
 class Conv4(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewshot_nsl.backbones.pooling import activate_and_pool
 from fewshot_nsl.backbones.registry import ConvFactoryLike, register_backbone
 
 
@@ -34,7 +35,7 @@ class ResidualStage(nn.Module):
         out = self.relu(self.norm1(self.conv1(x)))
         out = self.relu(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
-        return self.pool(self.relu(out + self.shortcut(x)))
+        return activate_and_pool(self.relu, self.pool, out + self.shortcut(x))
 
 
 class ResNet12(nn.Module):

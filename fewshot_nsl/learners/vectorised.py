@@ -50,6 +50,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from episodes import Episode
+from fewshot_nsl.backbones.pooling import activate_and_pool
 from fewshot_nsl.learners.base import similarity_penalty_term, warn_sequential_once
 
 if TYPE_CHECKING:
@@ -353,7 +354,7 @@ def task_folded_logits(
             training=True,
             eps=norm.eps,
         )
-        h = block.pool(block.relu(h))
+        h = activate_and_pool(block.relu, block.pool, h)
     batch = h.shape[0]
     if model.backbone.pool == "avg":
         features = h.mean(dim=(2, 3)).view(batch, tasks, -1)
