@@ -28,6 +28,7 @@ import torch
 
 from episodes.fileio import StorageError
 from fewshot_nsl import __version__
+from fewshot_nsl.allocator import apply_allocator_policy
 from fewshot_nsl.checkpoint import CheckpointMismatch
 from fewshot_nsl.config import ConfigError, dump_config, iter_runs, normalized_config
 from fewshot_nsl.fewshot_config import FEWSHOT_DEFAULTS, iter_seed_runs, load_fewshot_config
@@ -763,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        apply_allocator_policy()  # large CPU tensors reuse freed memory (allocator.py)
         status = int(args.handler(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not in Python's exit
         return status

@@ -22,6 +22,12 @@ of a fresh process) beyond what was allocated before it: on a GPU
 ``torch.cuda.max_memory_allocated``; on a CPU the peak resident set (``VmHWM``) over the
 resident set before the step.
 
+Table 4 (``--table peers``): the toolkit's MAML meta-step against the same computation in
+the order the peers compute it (learn2learn's and ``higher``'s Conv-4, cbfinn/maml: ReLU,
+then max-pool; the toolkit pools first where the two commute, ``backbones/pooling.py``), at
+28×28 and 84×84, first and second order, 1 and 2 threads; one untimed step from the same
+weights first checks that the meta-gradients are equal bit for bit.
+
 Method (``benchtools``): wall-clock time; the variants of a row run in interleaved rounds,
 the order rotated every round; median [min-max] over rounds; the 1-minute load average is
 printed before and after, and a run on a machine loaded beyond its core count is refused
@@ -31,12 +37,14 @@ printed before and after, and a run on a machine loaded beyond its core count is
     python scripts/bench_learners.py --quick     # 28×28, 2 inner steps, T = 2, 4, 1 thread
     python scripts/bench_learners.py --table meta-batch
     python scripts/bench_learners.py --table meta-batch --shape omniglot --tasks 8 16 32
+    python scripts/bench_learners.py --table peers
     python scripts/bench_learners.py --profile static_nsn   # top ops of one meta-step
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import platform
 import statistics
@@ -52,6 +60,7 @@ import torch
 from benchtools import interleaved_seconds, load_guard, load_report, median_range, paired_ratios
 
 from episodes import Episode
+from fewshot_nsl.backbones import conv4
 from fewshot_nsl.fewshot_config import load_fewshot_config
 from fewshot_nsl.learners import MAML, build_learner
 
@@ -404,6 +413,77 @@ def compile_table(size: int, inner_steps: int, rounds: int, device: torch.device
         print(f"| {name} | {median_range(milliseconds, 0)} | {speed_up} |")
 
 
+@contextlib.contextmanager
+def peer_block_order():
+    """Conv-4 blocks computed as the peers compute them: ReLU, then the max-pool."""
+    saved = conv4.activate_and_pool
+    conv4.activate_and_pool = lambda activation, pool, h: pool(activation(h))
+    try:
+        yield
+    finally:
+        conv4.activate_and_pool = saved
+
+
+def ordered_step(
+    peers: bool, learner: MAML, optimizer: torch.optim.Optimizer, episode: Episode
+) -> None:
+    """:func:`meta_step`, in the peers' block order if ``peers``."""
+    with peer_block_order() if peers else contextlib.nullcontext():
+        meta_step(learner, optimizer, episode)
+
+
+def peers_table(
+    sizes: list[int], threads: list[int], inner_steps: int, rounds: int, device: torch.device
+) -> None:
+    """Table 4: the toolkit's MAML meta-step against the peers' block order (module docstring)."""
+    print(
+        f"\n## MAML against the peers' computation: {WAY}-way {SHOT}-shot, {QUERY} "
+        f"queries/class, {inner_steps} inner steps, Conv-4-32, {rounds} interleaved rounds "
+        "(+1 warm-up); speed-up = peers' time / toolkit's time, paired"
+    )
+    print(
+        "\n| size | order | threads | peers' order ms | toolkit ms | speed-up, median [min-max] "
+        "| meta-gradients |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
+    for size in sizes:
+        episode = make_episodes(1, WAY, SHOT, QUERY, size, device)[0]
+        for first_order in (False, True):
+            learners = {
+                name: build({"name": "maml"}, None, first_order, size, inner_steps, WAY, device)
+                for name in ("peers", "toolkit")
+            }
+            gradients = {}
+            for name, learner in learners.items():
+                with peer_block_order() if name == "peers" else contextlib.nullcontext():
+                    learner.meta_loss(episode)[0].backward()
+                gradients[name] = [p.grad.clone() for p in learner.parameters()]
+            equal = all(map(torch.equal, gradients["peers"], gradients["toolkit"]))
+
+            steps = {  # lr 0: the weights stay equal over the rounds
+                name: partial(
+                    ordered_step,
+                    name == "peers",
+                    learner,
+                    torch.optim.SGD(learner.parameters(), lr=0.0),
+                    episode,
+                )
+                for name, learner in learners.items()
+            }
+            for thread_count in threads:
+                torch.set_num_threads(thread_count)
+                seconds = interleaved_seconds(steps, rounds, sync=lambda: synchronize(device))
+                milliseconds = {n: [1e3 * t for t in s] for n, s in seconds.items()}
+                print(
+                    f"| {size}x{size} | {'first' if first_order else 'second'} | {thread_count} "
+                    f"| {median_range(milliseconds['peers'], 0)} "
+                    f"| {median_range(milliseconds['toolkit'], 0)} "
+                    f"| {median_range(paired_ratios(seconds['peers'], seconds['toolkit']))} "
+                    f"| {'equal bit for bit' if equal else 'DIFFERENT'} |",
+                    flush=True,
+                )
+
+
 def meta_batch_table(
     shape: TaskShape,
     sizes: list[int],
@@ -468,7 +548,7 @@ def main() -> None:
         help="28×28, 2 inner steps, 2 rounds; meta-batch table: T = 2, 4 at 1 thread",
     )
     parser.add_argument(
-        "--table", choices=["learners", "meta-batch", "both", "compile"], default="both"
+        "--table", choices=["learners", "meta-batch", "both", "compile", "peers"], default="both"
     )
     parser.add_argument("--size", type=int, default=None, help="learners table: image side")
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick: 2)")
@@ -540,6 +620,10 @@ def main() -> None:
         learners_table(configs, size, inner_steps, rounds, device)
     if args.table == "compile":
         compile_table(size, inner_steps, rounds, device)
+    if args.table == "peers":
+        sizes = args.sizes or ([28] if args.quick else [28, 84])
+        threads = args.thread_counts or ([1] if args.quick else [1, 2])
+        peers_table(sizes, threads, inner_steps, rounds, device)
     if args.table in ("meta-batch", "both"):
         omniglot = shape.name == "omniglot"
         meta_batch_table(
