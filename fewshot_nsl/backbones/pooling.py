@@ -17,8 +17,8 @@ def activate_and_pool(activation: nn.Module, pool: nn.Module, h: torch.Tensor) -
     Why: the activation and its first and second derivatives then touch a quarter of the
     elements (2×2 pools). The values, the position each window picks (the first largest one,
     ties included: a non-decreasing map keeps equal elements equal) and so every derivative
-    are the same bit for bit; tests/test_backbones.py checks it. Second-order MAML on
-    Conv-4-32 at 84×84: about 8 % off the meta-step (docs/benchmarks.md, issue 14).
+    are the same bit for bit; tests/test_backbones.py checks it. MAML on Conv-4-32: the
+    meta-step 1.08–1.12× faster at 84×84, 1.04–1.10× at 28×28 (docs/benchmarks.md, issue 14).
     """
     if type(activation) in MONOTONE_ACTIVATIONS and type(pool) is nn.MaxPool2d:
         return activation(pool(h))
