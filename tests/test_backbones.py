@@ -209,7 +209,9 @@ def test_activate_and_pool_matches_the_reference_order_bit_for_bit(activation, t
 def test_activate_and_pool_keeps_the_order_where_it_matters() -> None:
     """A non-monotone activation (GELU) does not commute with max-pooling: the reference
     order is kept."""
-    h = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    # window [-3, -0.5, -4, -5]: its largest element -0.5 has GELU -0.154, but GELU(-3) is
+    # -0.004: pooling first would pick the wrong element
+    h = torch.tensor([[-3.0, -0.5], [-4.0, -5.0]], dtype=torch.float64).repeat(2, 3, 3, 3)
     out = activate_and_pool(nn.GELU(), nn.MaxPool2d(2), h)
     assert torch.equal(out, nn.MaxPool2d(2)(nn.GELU()(h)))
     assert not torch.equal(out, nn.GELU()(nn.MaxPool2d(2)(h)))
