@@ -33,9 +33,10 @@ sequential loop where each task is small (the Omniglot reference: Conv-4-64, 1 q
 class, 28×28 grey, meta-batch 32: 1.19× at one thread, 1.86× at two, at low load; the
 grouped convolutions alone bound it near 1.4× and 1.9×), where it removes the sequential
 loop's per-operation overhead; it is 0.83-1.00× at Conv-4-32 with 15 queries per class
-(28×28 and 84×84), where each task's operations are already large and bound by
-arithmetic and memory traffic, which folding does not reduce. The vmap form was slower than the sequential loop at Conv-4-32 (0.14-0.77×) and
-1.07× (one thread) / 1.86× (two) at the Omniglot shapes.
+(28×28 and 84×84), where each task's operations are already large and bound by arithmetic
+and memory traffic, which folding does not reduce. The vmap form was slower than the
+sequential loop at Conv-4-32 (0.14-0.77×) and 1.07× (one thread) / 1.86× (two) at the
+Omniglot shapes.
 """
 
 from __future__ import annotations
