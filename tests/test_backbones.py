@@ -206,12 +206,13 @@ def test_activate_and_pool_matches_the_reference_order_bit_for_bit(activation, t
         assert torch.equal(mine, theirs)
 
 
-def test_activate_and_pool_keeps_the_order_where_it_matters() -> None:
-    """A non-monotone activation (GELU) does not commute with max-pooling: the reference
-    order is kept."""
-    # window [-3, -0.5, -4, -5]: its largest element -0.5 has GELU -0.154, but GELU(-3) is
-    # -0.004: pooling first would pick the wrong element
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.LeakyReLU(-0.5)], ids=["gelu", "slope<0"])
+def test_activate_and_pool_keeps_the_order_where_it_matters(activation) -> None:
+    """Activations that decrease somewhere (GELU below -0.75, a leaky ReLU with a negative
+    slope) do not commute with max-pooling: the reference order is kept."""
+    # window [-3, -0.5, -4, -5]: its largest element -0.5 maps to GELU -0.154 (leaky 0.25),
+    # but -3 to -0.004 (leaky 1.5): pooling first would pick the wrong element
     h = torch.tensor([[-3.0, -0.5], [-4.0, -5.0]], dtype=torch.float64).repeat(2, 3, 3, 3)
-    out = activate_and_pool(nn.GELU(), nn.MaxPool2d(2), h)
-    assert torch.equal(out, nn.MaxPool2d(2)(nn.GELU()(h)))
-    assert not torch.equal(out, nn.GELU()(nn.MaxPool2d(2)(h)))
+    out = activate_and_pool(activation, nn.MaxPool2d(2), h)
+    assert torch.equal(out, nn.MaxPool2d(2)(activation(h)))
+    assert not torch.equal(out, activation(nn.MaxPool2d(2)(h)))
