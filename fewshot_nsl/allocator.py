@@ -20,7 +20,6 @@ Windows) nothing changes. Library users may call :func:`keep_freed_memory` thems
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -50,11 +49,13 @@ def allocator_policy() -> str:
 
 
 def _glibc_mallopt():
-    """glibc's ``mallopt``, or None where the C library is not glibc."""
+    """The ``mallopt`` of the C library this process runs on, or None where it is not glibc.
+    Looked up among the process's own symbols: the allocator that serves torch is the one to
+    set (``ctypes.util.find_library`` would name a file, and reads the loader cache to do it)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl's mallopt does nothing)
