@@ -284,12 +284,12 @@ def memory_probe(
         batch_step(learner, optimizer, episodes, vectorised)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    base = _status_bytes("VmRSS")
+    base = status_bytes("VmRSS")
     batch_step(learner, optimizer, episodes, vectorised)
-    return _status_bytes("VmHWM") - base
+    return status_bytes("VmHWM") - base
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A memory field of ``/proc/self/status`` in bytes. ``VmHWM`` (peak resident set) starts
     afresh with the process image, unlike ``ru_maxrss``, which keeps the peak of the process
     that forked it."""
@@ -414,10 +414,12 @@ def compile_table(size: int, inner_steps: int, rounds: int, device: torch.device
 
 
 @contextlib.contextmanager
-def peer_block_order():
-    """Conv-4 blocks computed as the peers compute them: ReLU, then the max-pool."""
+def block_order(peers: bool):
+    """Conv-4 blocks computed as the peers compute them (ReLU, then the max-pool) if
+    ``peers``, else as the toolkit does."""
     saved = conv4.activate_and_pool
-    conv4.activate_and_pool = lambda activation, pool, h: pool(activation(h))
+    if peers:
+        conv4.activate_and_pool = lambda activation, pool, h: pool(activation(h))
     try:
         yield
     finally:
@@ -428,7 +430,7 @@ def ordered_step(
     peers: bool, learner: MAML, optimizer: torch.optim.Optimizer, episode: Episode
 ) -> None:
     """:func:`meta_step`, in the peers' block order if ``peers``."""
-    with peer_block_order() if peers else contextlib.nullcontext():
+    with block_order(peers):
         meta_step(learner, optimizer, episode)
 
 
@@ -455,7 +457,7 @@ def peers_table(
             }
             gradients = {}
             for name, learner in learners.items():
-                with peer_block_order() if name == "peers" else contextlib.nullcontext():
+                with block_order(name == "peers"):
                     learner.meta_loss(episode)[0].backward()
                 gradients[name] = [p.grad.clone() for p in learner.parameters()]
             equal = all(map(torch.equal, gradients["peers"], gradients["toolkit"]))

@@ -40,7 +40,7 @@ def child(size: int, steps: int, warmup: int, threads: int, first_order: bool, p
 
     applied = apply_allocator_policy()  # first, as the command line does
     import torch
-    from bench_learners import WAY, build, make_episodes, ordered_step
+    from bench_learners import WAY, build, make_episodes, ordered_step, status_bytes
 
     torch.set_num_threads(threads)
     learner = build({"name": "maml"}, None, first_order, size, 5, WAY, torch.device("cpu"))
@@ -51,9 +51,7 @@ def child(size: int, steps: int, warmup: int, threads: int, first_order: bool, p
         start = time.perf_counter()
         ordered_step(peers, learner, optimizer, episodes[index % len(episodes)])
         seconds.append(time.perf_counter() - start)
-    with open("/proc/self/status") as status:
-        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-    print(applied, statistics.median(seconds[warmup:]), peak)
+    print(applied, statistics.median(seconds[warmup:]), status_bytes("VmHWM"))
 
 
 def run_child(
