@@ -104,10 +104,16 @@ def test_forward_and_grads_match_reference(granularity, diagonal, geometry):
     x, weight, M = (t.requires_grad_() for t in make_inputs(granularity, diagonal, geometry))
     y = call(x, weight, M, geometry, granularity, diagonal)
     y_ref = reference(x, weight, M, *geometry[1:], granularity, diagonal)
+    assert_matches_reference(y, y_ref, (x, weight, M))
+
+
+def assert_matches_reference(y, y_ref, inputs) -> None:
+    """``y`` and its gradients with respect to ``inputs`` (x, weight, M) equal the float64
+    reference's, for one random output gradient."""
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     grad_y = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, weight, M), grad_y)
-    grads_ref = torch.autograd.grad(y_ref, (x, weight, M), grad_y)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    grads_ref = torch.autograd.grad(y_ref, inputs, grad_y)
     for name, got, want in zip(("x", "weight", "M"), grads, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"grad of {name}")
 
